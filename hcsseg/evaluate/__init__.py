@@ -1,0 +1,1 @@
+"""Scoring segmentations against ground truth (instance matching, AP, PQ, ARI)."""

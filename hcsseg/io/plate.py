@@ -1,0 +1,282 @@
+"""Read OME-Zarr HCS plates (NGFF 0.4 on zarr v2, 0.5 on zarr v3) field by field.
+
+A plate is only ever touched one field at a time: nothing here loads more than the
+channels of one field image, so plates of any size stream through a fixed memory budget.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from hcsseg.errors import ChannelNotFoundError, HcssegError, PlateFormatError
+
+NgffVersion = Literal["0.4", "0.5"]
+
+
+@dataclass(frozen=True, order=True)
+class FieldRef:
+    """One field of view: the unit of streaming, addressed by its zarr path."""
+
+    row: str
+    column: str
+    field: str
+    site: int  # 0-based position in the well's `images` list (Metadata_Site)
+
+    @property
+    def well_path(self) -> str:
+        return f"{self.row}/{self.column}"
+
+    @property
+    def path(self) -> str:
+        return f"{self.row}/{self.column}/{self.field}"
+
+    @property
+    def well(self) -> str:
+        """CellProfiler-style well name, e.g. ``B03``."""
+        return well_name(self.row, self.column)
+
+
+def well_name(row: str, column: str) -> str:
+    """``("B", "3")`` -> ``"B03"``: row letters + column zero-padded to two digits."""
+    return f"{row}{int(column):02d}" if column.isdigit() else f"{row}{column}"
+
+
+def parse_well(well: str) -> tuple[str, int]:
+    """``"B03"`` -> ``("B", 3)``; accepts ``B/03`` and ``B3`` too."""
+    m = re.fullmatch(r"([A-Za-z]+)/?0*(\d+)", well.strip())
+    if not m:
+        raise HcssegError(f"not a well name: {well!r} (expected e.g. 'B03')")
+    return m.group(1).upper(), int(m.group(2))
+
+
+def ome_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """NGFF attributes of a node, whatever the version (0.5 nests them under ``ome``)."""
+    attrs = dict(node.attrs)
+    return dict(attrs["ome"]) if "ome" in attrs else attrs
+
+
+class Plate:
+    """An opened HCS plate. Cheap to create: metadata only."""
+
+    def __init__(self, url: str | Path, group: zarr.Group):
+        self.url = str(url)
+        self.group = group
+        attrs = ome_attrs(group)
+        if "plate" not in attrs:
+            raise PlateFormatError(
+                f"{self.url} is not an OME-Zarr HCS plate: no 'plate' metadata "
+                f"(found keys: {sorted(attrs) or 'none'})"
+            )
+        self.meta: dict[str, Any] = attrs["plate"]
+        self.version: NgffVersion = "0.5" if "ome" in dict(group.attrs) else "0.4"
+        self.name: str = str(self.meta.get("name") or Path(self.url.rstrip("/")).stem)
+        for key in ("rows", "columns", "wells"):
+            if key not in self.meta:
+                raise PlateFormatError(f"plate {self.name}: metadata lacks '{key}'")
+
+    # ---- layout -----------------------------------------------------------------
+    @property
+    def rows(self) -> list[str]:
+        return [r["name"] for r in self.meta["rows"]]
+
+    @property
+    def columns(self) -> list[str]:
+        return [c["name"] for c in self.meta["columns"]]
+
+    @property
+    def well_paths(self) -> list[str]:
+        return [w["path"] for w in self.meta["wells"]]
+
+    def wells(self) -> list[str]:
+        """Wells present in the plate, as CellProfiler names (``B03``)."""
+        return [well_name(*p.split("/")) for p in self.well_paths]
+
+    def _well_path(self, well: str) -> str:
+        if "/" in well and well in self.well_paths:
+            return well
+        row, col = parse_well(well)
+        for p in self.well_paths:
+            r, c = p.split("/")
+            if r.upper() == row and c.isdigit() and int(c) == col:
+                return p
+        raise HcssegError(
+            f"plate {self.name}: no well {well!r}; wells present: {', '.join(self.wells())}"
+        )
+
+    def fields(self, well: str) -> list[FieldRef]:
+        """Fields of one well in `images` order; a well without fields is an error."""
+        path = self._well_path(well)
+        try:
+            node = self.group[path]
+        except KeyError as exc:
+            raise PlateFormatError(
+                f"plate {self.name}: well {well} is listed but {path} is missing"
+            ) from exc
+        attrs = ome_attrs(node)
+        images = attrs.get("well", {}).get("images", [])
+        if not images:
+            raise PlateFormatError(f"plate {self.name}: well {well} ({path}) has no fields")
+        row, col = path.split("/")
+        return [FieldRef(row, col, str(im["path"]), i) for i, im in enumerate(images)]
+
+    def iter_fields(self, wells: Sequence[str] | None = None) -> Iterator[FieldRef]:
+        for well in wells if wells is not None else self.wells():
+            yield from self.fields(well)
+
+    # ---- one field ---------------------------------------------------------------
+    def image_group(self, ref: FieldRef) -> zarr.Group:
+        try:
+            node = self.group[ref.path]
+        except KeyError as exc:
+            raise PlateFormatError(
+                f"plate {self.name}: field {ref.path} (well {ref.well}) is missing"
+            ) from exc
+        assert isinstance(node, zarr.Group)
+        return node
+
+    def image_meta(self, ref: FieldRef) -> dict[str, Any]:
+        attrs = ome_attrs(self.image_group(ref))
+        if "multiscales" not in attrs:
+            raise PlateFormatError(
+                f"plate {self.name}: field {ref.path} has no 'multiscales' metadata"
+            )
+        return attrs
+
+    def channel_names(self, ref: FieldRef) -> list[str]:
+        """Channel labels from ``omero.channels`` (the names users select by)."""
+        meta = self.image_meta(ref)
+        channels = meta.get("omero", {}).get("channels", [])
+        names = [str(c.get("label", f"channel{i}")) for i, c in enumerate(channels)]
+        if not names:
+            raise PlateFormatError(
+                f"plate {self.name}: field {ref.path} has no omero.channels labels"
+            )
+        return names
+
+    def axes(self, ref: FieldRef) -> list[str]:
+        return [a["name"] for a in self.image_meta(ref)["multiscales"][0]["axes"]]
+
+    def level_paths(self, ref: FieldRef) -> list[str]:
+        return [d["path"] for d in self.image_meta(ref)["multiscales"][0]["datasets"]]
+
+    def scale(self, ref: FieldRef, level: int = 0) -> list[float]:
+        ds = self.image_meta(ref)["multiscales"][0]["datasets"][level]
+        for t in ds.get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                return [float(s) for s in t["scale"]]
+        return [1.0] * len(self.axes(ref))
+
+    def pixel_size_um(self, ref: FieldRef, level: int = 0) -> float:
+        """Physical x pixel size at `level`, in micrometres (unit conversion applied)."""
+        meta = self.image_meta(ref)
+        axes = meta["multiscales"][0]["axes"]
+        names = [a["name"] for a in axes]
+        x = names.index("x")
+        unit = axes[x].get("unit", "micrometer")
+        factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(unit, 1.0)
+        return self.scale(ref, level)[x] * factor
+
+    def array(self, ref: FieldRef, level: int = 0) -> zarr.Array:
+        path = self.level_paths(ref)[level]
+        node = self.image_group(ref)[path]
+        assert isinstance(node, zarr.Array)
+        return node
+
+    def channel_index(self, ref: FieldRef, names: Sequence[str]) -> list[int]:
+        available = self.channel_names(ref)
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ChannelNotFoundError(
+                missing, available, where=f"plate {self.name} field {ref.path} (well {ref.well})"
+            )
+        return [available.index(n) for n in names]
+
+    def has_channel(self, ref: FieldRef, name: str) -> bool:
+        return name in self.channel_names(ref)
+
+    def read_channels(
+        self, ref: FieldRef, names: Sequence[str], *, level: int = 0
+    ) -> np.ndarray:
+        """Channels of one field as a ``(C, Y, X)`` array (singleton t/z squeezed)."""
+        idx = self.channel_index(ref, names)
+        arr = self.array(ref, level)
+        axes = self.axes(ref)
+        c_axis = axes.index("c")
+        out = []
+        for i in idx:
+            sel: list[Any] = [0] * arr.ndim
+            for k, a in enumerate(axes):
+                if a in ("y", "x"):
+                    sel[k] = slice(None)
+            sel[c_axis] = i
+            out.append(np.asarray(arr[tuple(sel)]))
+        return np.stack(out) if out else np.empty((0, *arr.shape[-2:]), dtype=arr.dtype)
+
+    def read_xarray(self, ref: FieldRef, names: Sequence[str], *, level: int = 0) -> xr.DataArray:
+        """Channels with physical coordinates (µm), for analysts and notebooks."""
+        data = self.read_channels(ref, names, level=level)
+        px = self.pixel_size_um(ref, level)
+        axes = self.axes(ref)
+        py = self.scale(ref, level)[axes.index("y")]
+        return xr.DataArray(
+            data,
+            dims=("c", "y", "x"),
+            coords={
+                "c": list(names),
+                "y": np.arange(data.shape[1]) * py,
+                "x": np.arange(data.shape[2]) * px,
+            },
+            attrs={
+                "plate": self.name,
+                "well": ref.well,
+                "site": ref.site,
+                "pixel_size_um": px,
+                "units": "micrometer",
+            },
+        )
+
+    def field_shape(self, ref: FieldRef) -> tuple[int, int]:
+        shape = self.array(ref).shape
+        return int(shape[-2]), int(shape[-1])
+
+    # ---- labels ------------------------------------------------------------------
+    def label_names(self, ref: FieldRef) -> list[str]:
+        group = self.image_group(ref)
+        if "labels" not in group:
+            return []
+        return [str(n) for n in ome_attrs(group["labels"]).get("labels", [])]
+
+    def read_labels(self, ref: FieldRef, name: str, *, level: int = 0) -> np.ndarray:
+        names = self.label_names(ref)
+        if name not in names:
+            raise HcssegError(
+                f"plate {self.name} field {ref.path} (well {ref.well}): no label image "
+                f"{name!r}; labels present: {', '.join(names) or '(none)'}"
+            )
+        label_group = self.image_group(ref)[f"labels/{name}"]
+        datasets = ome_attrs(label_group)["multiscales"][0]["datasets"]
+        arr = label_group[datasets[level]["path"]]
+        data = np.asarray(arr[...])
+        while data.ndim > 2:
+            data = data[0]
+        return data
+
+
+def open_plate(url: str | Path, *, mode: Literal["r", "r+"] = "r") -> Plate:
+    """Open a plate for reading (or metadata updates with ``r+``); clear error otherwise."""
+    path = Path(url)
+    if not path.exists():
+        raise PlateFormatError(f"no plate at {url}: path does not exist")
+    try:
+        group = zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # zarr raises several types for a non-zarr folder
+        raise PlateFormatError(f"{url} is not a zarr group (not an OME-Zarr plate): {exc}") from exc
+    return Plate(url, group)
