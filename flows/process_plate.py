@@ -1,0 +1,115 @@
+"""Prefect flow: a plate in, labels back in the plate, per-cell and QC Parquet out.
+
+Thin wrapper over `hcsseg.processing`: plan once, one task per well (fields are looped
+inside the task; per-task overhead makes field-level tasks too costly on big plates),
+then finalize. Tasks receive paths and keys, never arrays.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from hcsseg.config import ProcessConfig
+from hcsseg.errors import HcssegError
+from hcsseg.processing import PlatePlan, finalize_plate, plan_plate, process_well
+
+QC_COLUMNS = ("Metadata_Well", "Metadata_FieldCount", "Image_Count_Nuclei", "Image_Count_Cells")
+
+
+def artifact_key(prefix: str, plate_name: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", plate_name.lower()).strip("-") or "plate"
+    return f"{prefix}-{slug}"[:120]
+
+
+@task(name="plan plate", task_run_name="plan {plate_url}")
+def plan_task(plate_url: str, config: ProcessConfig) -> PlatePlan:
+    return plan_plate(plate_url, config)
+
+
+@task(name="segment and measure well", task_run_name="well {well}")
+def well_task(plan: PlatePlan, well: str, config: ProcessConfig) -> dict[str, Any]:
+    logger = get_run_logger()
+    result = process_well(plan, well, config, run_id=str(flow_run.get_id() or ""))
+    logger.info("well %s: %d fields, %d cells", well, result.n_fields, result.n_cells)
+    return {"well": result.well, "n_fields": result.n_fields, "n_cells": result.n_cells}
+
+
+@task(name="finalize plate", task_run_name="finalize {plan.plate_name}")
+def finalize_task(plan: PlatePlan) -> list[dict[str, Any]]:
+    summary = finalize_plate(plan, run_id=str(flow_run.get_id() or ""))
+    return summary.to_dict(orient="records")
+
+
+def _qc_markdown_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for rec in summary:
+        row = {k: rec.get(k) for k in QC_COLUMNS}
+        for key, value in rec.items():
+            if key.startswith("Image_ImageQuality_FocusScore_"):
+                row[key] = round(float(value), 4)
+        rows.append(row)
+    return rows
+
+
+@flow(
+    name="process-plate",
+    flow_run_name="process {plate_url}",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+)
+def process_plate(plate_url: str, config: ProcessConfig | None = None) -> dict[str, Any]:
+    """Segment nuclei and cells in every well, write labels, features and QC tables."""
+    logger = get_run_logger()
+    config = config or ProcessConfig()
+    plan = plan_task(plate_url, config)
+    logger.info(
+        "plate %s: %d wells, %d fields; nuclei from %r, cells from %r; tables in %s",
+        plan.plate_name,
+        len(plan.wells),
+        plan.n_fields,
+        plan.nucleus_channel,
+        plan.cell_channel,
+        plan.output_root,
+    )
+    progress = create_progress_artifact(
+        progress=0.0,
+        key=artifact_key("progress", plan.plate_name),
+        description=f"wells done in plate {plan.plate_name}",
+    )
+    done: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    futures = {well_task.submit(plan, w, config): w for w in plan.wells}
+    for future in as_completed(list(futures)):
+        well = futures[future]
+        try:
+            done.append(future.result())
+        except Exception as exc:  # one bad well must not stop the others
+            failed[well] = str(exc)
+            logger.error("well %s failed: %s", well, exc)
+        update_progress_artifact(progress, 100.0 * (len(done) + len(failed)) / len(plan.wells))
+    summary = finalize_task(plan)
+    create_table_artifact(
+        table=_qc_markdown_rows(summary),
+        key=artifact_key("plate-qc", plan.plate_name),
+        description=f"Per-well QC of plate {plan.plate_name} (tables in {plan.output_root})",
+    )
+    if failed:
+        lines = "; ".join(f"{w}: {msg}" for w, msg in sorted(failed.items()))
+        raise HcssegError(f"{len(failed)} of {len(plan.wells)} wells failed: {lines}")
+    return {
+        "plate": plan.plate_name,
+        "wells": len(done),
+        "cells": sum(d["n_cells"] for d in done),
+        "output": plan.output_root,
+    }

@@ -1,0 +1,236 @@
+"""`hcsseg` command line: import images, process plates, inspect results.
+
+Every command prints one clear line and exits with status 2 on bad input, instead of
+a traceback; `--debug` shows the traceback when you need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hcsseg.errors import HcssegError
+
+app = typer.Typer(
+    help="Segment cells and nuclei in OME-Zarr HCS plates and export per-cell features "
+    "and QC as Parquet.\n\nTypical use: `hcsseg import FOLDER plate.zarr`, then "
+    "`hcsseg process plate.zarr`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+DEBUG = {"on": False}
+
+
+def _fail(exc: BaseException) -> None:
+    if DEBUG["on"]:
+        raise exc
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise HcssegError(f"{what} {item!r} must look like KEY=NAME, e.g. 0=DNA")
+        key, name = item.split("=", 1)
+        out[key.strip()] = name.strip()
+    return out
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
+) -> None:
+    DEBUG["on"] = debug
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+
+
+@app.command("import")
+def import_cmd(
+    folder: Annotated[Path, typer.Argument(help="folder of per-field TIFF files")],
+    out: Annotated[Path, typer.Argument(help="plate to create, e.g. plate.zarr")],
+    pattern: Annotated[
+        str,
+        typer.Option(
+            help="file name pattern: 'imagexpress' (<plate>_<well>f<site>d<channel>.tif), "
+            "'operetta', or a regex with named groups well, site, channel"
+        ),
+    ] = "imagexpress",
+    channel: Annotated[
+        list[str] | None,
+        typer.Option("--channel", "-c", help="channel token=name, e.g. -c 0=DNA -c 2=Actin"),
+    ] = None,
+    pixel_size: Annotated[float, typer.Option(help="pixel size in micrometres")] = 1.0,
+    plate_name: Annotated[str | None, typer.Option(help="plate name (default: from files)")] = None,
+    ngff: Annotated[str, typer.Option(help="OME-Zarr version: 0.5 (zarr v3) or 0.4")] = "0.5",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+) -> None:
+    """Turn a folder of microscope TIFFs (one file per well/site/channel) into a plate."""
+    from hcsseg.io.tiff_import import ImportOptions, import_tiff_folder
+
+    try:
+        options = ImportOptions(
+            pattern=pattern,
+            channel_names=_pairs(channel, "--channel"),
+            pixel_size_um=pixel_size,
+            plate_name=plate_name,
+            version=ngff,  # type: ignore[arg-type]
+        )
+        plate = import_tiff_folder(folder, out, options=options, overwrite=overwrite)
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    n = sum(1 for _ in plate.iter_fields())
+    typer.echo(f"wrote {out}: plate {plate.name}, {len(plate.wells())} wells, {n} fields")
+
+
+@app.command("import-pairs")
+def import_pairs_cmd(
+    folder: Annotated[Path, typer.Argument(help="folder of <stem>_img.tif / <stem>_lab.tif")],
+    out: Annotated[Path, typer.Argument(help="plate to create")],
+    image_channel: Annotated[str, typer.Option(help="name of the *_img.tif channel")] = "DNA",
+    extra: Annotated[
+        list[str] | None,
+        typer.Option(help="more channels as suffix=name, e.g. --extra dapi=DAPI"),
+    ] = None,
+    labels_name: Annotated[
+        str, typer.Option(help="ground-truth label name for *_lab.tif")
+    ] = "nuclei_gt",
+    pixel_size: Annotated[float, typer.Option(help="pixel size in micrometres")] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="import only the first N pairs")] = None,
+    ngff: Annotated[str, typer.Option(help="OME-Zarr version: 0.5 or 0.4")] = "0.5",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+) -> None:
+    """Import annotated image/label pairs; labels are kept as ground truth for evaluation."""
+    from hcsseg.io.tiff_import import PairImportOptions, import_tiff_pairs
+
+    try:
+        options = PairImportOptions(
+            image_channel=image_channel,
+            extra_channels=_pairs(extra, "--extra"),
+            labels_name=labels_name,
+            pixel_size_um=pixel_size,
+            limit=limit,
+            version=ngff,  # type: ignore[arg-type]
+        )
+        plate = import_tiff_pairs(folder, out, options=options, overwrite=overwrite)
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    n = sum(1 for _ in plate.iter_fields())
+    typer.echo(f"wrote {out}: {n} annotated fields in {len(plate.wells())} wells")
+
+
+@app.command()
+def info(plate_url: Annotated[str, typer.Argument(help="plate path")]) -> None:
+    """Show wells, fields, channels, pixel size and label images of a plate."""
+    from hcsseg.io.plate import open_plate
+
+    try:
+        plate = open_plate(plate_url)
+        wells = plate.wells()
+        first = plate.fields(wells[0])[0]
+        typer.echo(f"plate {plate.name} (NGFF {plate.version}): {len(wells)} wells")
+        typer.echo(f"channels: {', '.join(plate.channel_names(first))}")
+        typer.echo(f"pixel size: {plate.pixel_size_um(first):g} µm")
+        for well in wells:
+            refs = plate.fields(well)
+            labels = sorted({n for r in refs for n in plate.label_names(r)})
+            typer.echo(f"  {well}: {len(refs)} fields; labels: {', '.join(labels) or '-'}")
+    except HcssegError as exc:
+        _fail(exc)
+
+
+def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
+    from hcsseg.config import ProcessConfig
+
+    data: dict[str, Any] = json.loads(path.read_text()) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ProcessConfig.model_validate(data)
+
+
+@app.command()
+def process(
+    plate_url: Annotated[str, typer.Argument(help="plate path, e.g. plate.zarr")],
+    nucleus_channel: Annotated[
+        str | None, typer.Option(help="nucleus stain channel (default: DAPI/Hoechst/DNA)")
+    ] = None,
+    cell_channel: Annotated[
+        str | None, typer.Option(help="cytoplasm/membrane channel for cell outlines")
+    ] = None,
+    well: Annotated[list[str] | None, typer.Option(help="only this well (repeatable)")] = None,
+    output: Annotated[
+        str | None, typer.Option(help="folder for Parquet tables (default: <plate>_tables)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file with all options (see docs/config)")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="wells processed in parallel")] = 2,
+) -> None:
+    """Segment nuclei and cells, write labels into the plate and tables as Parquet.
+
+    Runs as a Prefect flow: with no PREFECT_API_URL set it uses Prefect's embedded
+    server; with one set, the run shows up in that server's UI.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
+    try:
+        cfg = _load_config(
+            config,
+            {
+                "nucleus_channel": nucleus_channel,
+                "cell_channel": cell_channel,
+                "wells": well or None,
+                "output": output,
+            },
+        )
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        from flows.process_plate import process_plate
+
+        flow = process_plate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+        result = flow(plate_url, cfg)
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(
+        f"processed plate {result['plate']}: {result['wells']} wells, {result['cells']} cells; "
+        f"tables in {result['output']}"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Argument(help="folder for the demo plate and its tables")] = Path(
+        "demo"
+    ),
+    shared_data: Annotated[
+        Path | None,
+        typer.Option(help="../shared/data folder; its CellProfiler example is used if present"),
+    ] = None,
+) -> None:
+    """Build a small demo plate and process it end to end."""
+    from hcsseg.demo import demo_plate
+
+    out.mkdir(parents=True, exist_ok=True)
+    plate_path = out / "demo.zarr"
+    try:
+        plate = demo_plate(plate_path, shared_data=shared_data)
+    except HcssegError as exc:
+        _fail(exc)
+    typer.echo(f"demo plate {plate.name} at {plate_path}")
+    process(str(plate_path), None, None, None, None, None, 2)
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,47 @@
+"""Typed options for a plate run; every default works on a typical fluorescence plate."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hcsseg.segment.classical import CellOptions, NucleiOptions
+
+NUCLEUS_NAMES = re.compile(r"dapi|hoechst|h33342|dna|nucle", re.IGNORECASE)
+CELL_NAMES = re.compile(
+    r"cell|cyto|membr|actin|phalloidin|wga|tubulin|mask|body|cd\d+", re.IGNORECASE
+)
+
+
+class ProcessConfig(BaseModel):
+    """What `process_plate` segments, measures and where it writes tables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nucleus_channel: str | None = Field(
+        None,
+        description="channel to find nuclei in; default: the first channel named like "
+        "DAPI/Hoechst/DNA (or its _virtual prediction)",
+    )
+    cell_channel: str | None = Field(
+        None,
+        description="cytoplasm/membrane channel for cell outlines; default: a channel named "
+        "like cell/cyto/membrane/actin, else cells are nuclei grown by a fixed distance",
+    )
+    measure_channels: list[str] | None = Field(
+        None, description="channels to measure intensities in; default: all"
+    )
+    wells: list[str] | None = Field(None, description="only these wells (e.g. ['B03'])")
+    output: str | None = Field(
+        None, description="folder for Parquet tables; default: <plate>_tables beside the plate"
+    )
+    nuclei: NucleiOptions = Field(default_factory=NucleiOptions)
+    cells: CellOptions = Field(default_factory=CellOptions)
+
+    def output_root(self, plate_url: str) -> Path:
+        if self.output:
+            return Path(self.output)
+        path = Path(plate_url.rstrip("/"))
+        return path.with_name(f"{path.stem}_tables")

@@ -1,0 +1,1 @@
+"""Per-object features and per-image quality metrics from pixel arrays."""

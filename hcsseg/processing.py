@@ -1,0 +1,274 @@
+"""Plate processing as plan -> per-well work -> finalize (the ngio iterator pattern).
+
+`plan_plate` checks everything that can be checked before a single byte is written
+(plate format, channel names, well list), so a bad request fails with nothing touched.
+`process_well` streams the fields of one well; its tables land with one atomic rename
+per table after all fields are done, so a killed run never leaves partial rows.
+`finalize_plate` builds plate-level summaries from the per-well files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
+from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError
+from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
+from hcsseg.io.labels import remove_stale_temporaries, write_labels
+from hcsseg.io.plate import FieldRef, Plate, open_plate
+from hcsseg.measure.features import channel_token, measure_objects
+from hcsseg.measure.quality import image_quality, quality_columns
+from hcsseg.segment.classical import segment_cells, segment_nuclei
+
+log = logging.getLogger(__name__)
+
+VIRTUAL_SUFFIX = "_virtual"
+
+
+@dataclass(frozen=True)
+class PlatePlan:
+    """What a run will do; plain data so it can cross process/worker boundaries."""
+
+    plate_url: str
+    plate_name: str
+    wells: list[str]
+    nucleus_channel: str
+    cell_channel: str | None
+    measure_channels: list[str]
+    output_root: str
+    n_fields: int
+
+
+@dataclass
+class WellResult:
+    well: str
+    n_fields: int
+    n_cells: int
+    qc: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+
+
+def _pick(names: list[str], pattern: Any) -> str | None:
+    return next((n for n in names if pattern.search(n) and not n.endswith(VIRTUAL_SUFFIX)), None)
+
+
+def _channels_everywhere(plate: Plate, wells: list[str]) -> tuple[list[str], int]:
+    """Channels present in every field, and the number of fields."""
+    common: list[str] | None = None
+    n = 0
+    for ref in plate.iter_fields(wells):
+        names = plate.channel_names(ref)
+        common = names if common is None else [c for c in common if c in names]
+        n += 1
+    return common or [], n
+
+
+def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
+    """Validate the request against the plate; raises before anything is written."""
+    plate = open_plate(plate_url)
+    wells = plate.wells()
+    if config.wells:
+        unknown = [w for w in config.wells if w not in wells]
+        if unknown:
+            raise HcssegError(
+                f"plate {plate.name}: wells {unknown} not in the plate; wells: {', '.join(wells)}"
+            )
+        wells = [w for w in wells if w in config.wells]
+    if not wells:
+        raise HcssegError(f"plate {plate.name} has no wells")
+    channels, n_fields = _channels_everywhere(plate, wells)
+
+    def fields_lacking(name: str) -> list[str]:
+        return [r.path for r in plate.iter_fields(wells) if not plate.has_channel(r, name)]
+
+    nucleus = config.nucleus_channel or _pick(channels, NUCLEUS_NAMES)
+    if nucleus is None:
+        raise ChannelNotFoundError(
+            "<a nucleus stain such as DAPI/Hoechst/DNA>",
+            channels,
+            where=f"plate {plate.name} (set nucleus_channel / --nucleus-channel)",
+        )
+    if nucleus not in channels:
+        lacking = fields_lacking(nucleus)
+        if len(lacking) == n_fields:
+            raise ChannelNotFoundError(nucleus, channels, where=f"plate {plate.name}")
+        raise ChannelNotFoundError(
+            nucleus,
+            channels,
+            where=f"plate {plate.name} fields {', '.join(lacking[:5])}"
+            + (" ..." if len(lacking) > 5 else "")
+            + " (predict a virtual nucleus channel first, or choose another channel)",
+        )
+    cell = config.cell_channel
+    if cell is None:
+        cell = _pick([c for c in channels if c != nucleus], CELL_NAMES)
+    elif cell not in channels:
+        raise ChannelNotFoundError(cell, channels, where=f"plate {plate.name}")
+    measure = config.measure_channels or channels
+    missing = [c for c in measure if c not in channels]
+    if missing:
+        raise ChannelNotFoundError(missing, channels, where=f"plate {plate.name}")
+    tokens = [channel_token(c) for c in measure]
+    if len(set(tokens)) != len(tokens):
+        raise HcssegError(f"channels {measure} map to clashing feature tokens {tokens}")
+    return PlatePlan(
+        plate_url=str(plate_url),
+        plate_name=plate.name,
+        wells=wells,
+        nucleus_channel=nucleus,
+        cell_channel=cell,
+        measure_channels=list(measure),
+        output_root=str(config.output_root(str(plate_url))),
+        n_fields=n_fields,
+    )
+
+
+def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) -> None:
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise InputDataError(
+            f"plate {plate.name} well {ref.well} field {ref.field} channel {channel!r}: "
+            f"{bad} NaN/infinite pixel(s); fix or mask the image before segmenting"
+        )
+
+
+def segment_field(
+    image: np.ndarray, cell_image: np.ndarray | None, *, pixel_size_um: float, config: ProcessConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei then cells of one field (pure)."""
+    nuclei = segment_nuclei(image, pixel_size_um=pixel_size_um, options=config.nuclei)
+    cells = segment_cells(nuclei, cell_image, pixel_size_um=pixel_size_um, options=config.cells)
+    return nuclei, cells
+
+
+def process_well(
+    plan: PlatePlan,
+    well: str,
+    config: ProcessConfig,
+    *,
+    run_id: str | None = None,
+    on_field: Callable[[FieldRef], None] | None = None,
+) -> WellResult:
+    """Segment, write labels, measure and QC every field of one well."""
+    plate = open_plate(plan.plate_url, mode="r+")
+    refs = plate.fields(well)
+    cell_tables: list[pd.DataFrame] = []
+    qc_rows: list[dict[str, Any]] = []
+    tokens = {c: channel_token(c) for c in plan.measure_channels}
+    for ref in refs:
+        remove_stale_temporaries(plate, ref)
+        wanted = list(dict.fromkeys([*plan.measure_channels, plan.nucleus_channel]))
+        if plan.cell_channel:
+            wanted = list(dict.fromkeys([*wanted, plan.cell_channel]))
+        data = plate.read_channels(ref, wanted)
+        images = dict(zip(wanted, data))
+        for name, image in images.items():
+            _check_finite(image, plate, ref, name)
+        px = plate.pixel_size_um(ref)
+        nuclei, cells = segment_field(
+            images[plan.nucleus_channel],
+            images[plan.cell_channel] if plan.cell_channel else None,
+            pixel_size_um=px,
+            config=config,
+        )
+        provenance = {"nucleus_channel": plan.nucleus_channel, "method": "classical"}
+        write_labels(plate, ref, "nuclei", nuclei, properties=provenance)
+        write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
+
+        features = measure_objects(
+            nuclei, cells, {tokens[c]: images[c] for c in plan.measure_channels}, pixel_size_um=px
+        )
+        meta = {
+            "Metadata_Plate": plan.plate_name,
+            "Metadata_Well": ref.well,
+            "Metadata_Site": ref.site,
+            "Metadata_ImagePath": f"{plan.plate_url}/{ref.path}",
+            "Metadata_NucleusChannel": plan.nucleus_channel,
+            "Metadata_NucleusChannelSource": "virtual"
+            if plan.nucleus_channel.endswith(VIRTUAL_SUFFIX)
+            else "measured",
+        }
+        features = pd.concat(
+            [pd.DataFrame({k: [v] * len(features) for k, v in meta.items()}), features], axis=1
+        )
+        cell_tables.append(features)
+
+        qc: dict[str, Any] = {
+            k: v for k, v in meta.items() if k not in ("Metadata_NucleusChannelSource",)
+        }
+        qc["Image_Count_Nuclei"] = int(len(np.unique(nuclei)) - (1 if (nuclei == 0).any() else 0))
+        qc["Image_Count_Cells"] = int(len(np.unique(cells)) - (1 if (cells == 0).any() else 0))
+        qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
+        for name in plan.measure_channels:
+            image = images[name]
+            sat = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else None
+            qc.update(quality_columns(image_quality(image, saturation_value=sat), tokens[name]))
+        qc_rows.append(qc)
+        if on_field:
+            on_field(ref)
+
+    cells_df = pd.concat(cell_tables, ignore_index=True)
+    qc_df = pd.DataFrame(qc_rows)
+    px = plate.pixel_size_um(refs[0])
+    file_meta = {
+        "flow_run_id": run_id or "",
+        "plate_url": plan.plate_url,
+        "source_labels": [f"{r.path}/labels/nuclei" for r in refs]
+        + [f"{r.path}/labels/cells" for r in refs],
+        "channel_tokens": tokens,
+        "pixel_size_um": px,
+        "units": "pixels (Location, AreaShape); multiply by pixel_size_um for micrometres",
+        "site_index": "0-based position of the field in the well's images list",
+    }
+    paths = [
+        write_well_table(
+            cells_df, plan.output_root, "cells", plate=plan.plate_name, well=well, metadata=file_meta
+        ),
+        write_well_table(
+            qc_df, plan.output_root, "image_qc", plate=plan.plate_name, well=well, metadata=file_meta
+        ),
+    ]
+    return WellResult(
+        well=well,
+        n_fields=len(refs),
+        n_cells=len(cells_df),
+        qc=qc_rows,
+        tables=[str(p) for p in paths],
+    )
+
+
+def summarise_wells(image_qc: pd.DataFrame) -> pd.DataFrame:
+    """Per-well QC: counts summed, quality metrics averaged over fields."""
+    if image_qc.empty:
+        return image_qc
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    numeric = [
+        c for c in image_qc.columns
+        if c.startswith("Image_") and pd.api.types.is_numeric_dtype(image_qc[c])
+    ]
+    counts = [c for c in numeric if c.startswith("Image_Count_")]
+    quality = [c for c in numeric if c not in counts and c not in ("Image_Width", "Image_Height")]
+    grouped = image_qc.groupby(keys, sort=True)
+    out = grouped[counts].sum()
+    out = out.join(grouped[quality].mean())
+    out.insert(0, "Metadata_FieldCount", grouped.size())
+    return out.reset_index()
+
+
+def finalize_plate(plan: PlatePlan, *, run_id: str | None = None) -> pd.DataFrame:
+    """Write the per-well QC summary of the plate from the per-well QC files."""
+    image_qc = read_table(plan.output_root, "image_qc", plan.plate_name)
+    summary = summarise_wells(image_qc)
+    write_parquet(
+        summary,
+        Path(plan.output_root) / "well_qc" / f"{safe_name(plan.plate_name)}.parquet",
+        metadata={"flow_run_id": run_id or "", "plate_url": plan.plate_url},
+    )
+    return summary

@@ -1,0 +1,1 @@
+"""Segmentation of nuclei and cells from pixel arrays."""
