@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -22,7 +24,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
-from hcsseg.processing import PlatePlan, finalize_plate, plan_plate, process_well
+from hcsseg.processing import (
+    PlatePlan,
+    finalize_plate,
+    plan_plate,
+    plate_lock,
+    process_well,
+    well_is_done,
+)
+from hcsseg.report import plate_report
 
 QC_COLUMNS = ("Metadata_Well", "Metadata_FieldCount", "Image_Count_Nuclei", "Image_Count_Cells")
 
@@ -68,8 +78,14 @@ def _qc_markdown_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     flow_run_name="process {plate_url}",
     task_runner=ThreadPoolTaskRunner(max_workers=2),
 )
-def process_plate(plate_url: str, config: ProcessConfig | None = None) -> dict[str, Any]:
-    """Segment nuclei and cells in every well, write labels, features and QC tables."""
+def process_plate(
+    plate_url: str, config: ProcessConfig | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Segment nuclei and cells in every well, write labels, features and QC tables.
+
+    Wells finished by an earlier run with the same options are skipped (so a re-run
+    after a crash does only the missing wells); `force` redoes them all.
+    """
     logger = get_run_logger()
     config = config or ProcessConfig()
     plan = plan_task(plate_url, config)
@@ -89,27 +105,40 @@ def process_plate(plate_url: str, config: ProcessConfig | None = None) -> dict[s
     )
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    futures = {well_task.submit(plan, w, config): w for w in plan.wells}
-    for future in as_completed(list(futures)):
-        well = futures[future]
-        try:
-            done.append(future.result())
-        except Exception as exc:  # one bad well must not stop the others
-            failed[well] = str(exc)
-            logger.error("well %s failed: %s", well, exc)
-        update_progress_artifact(progress, 100.0 * (len(done) + len(failed)) / len(plan.wells))
-    summary = finalize_task(plan)
+    with plate_lock(plan):
+        todo = [w for w in plan.wells if force or not well_is_done(plan, w)]
+        skipped = len(plan.wells) - len(todo)
+        if skipped:
+            logger.info("%d wells already done with these options; skipping them", skipped)
+        futures = {well_task.submit(plan, w, config): w for w in todo}
+        for future in as_completed(list(futures)):
+            well = futures[future]
+            try:
+                done.append(future.result())
+            except Exception as exc:  # one bad well must not stop the others
+                failed[well] = str(exc)
+                logger.error("well %s failed: %s", well, exc)
+            finished = skipped + len(done) + len(failed)
+            update_progress_artifact(progress, 100.0 * finished / len(plan.wells))
+        summary = finalize_task(plan)
     create_table_artifact(
         table=_qc_markdown_rows(summary),
         key=artifact_key("plate-qc", plan.plate_name),
         description=f"Per-well QC of plate {plan.plate_name} (tables in {plan.output_root})",
     )
+    if summary:
+        create_markdown_artifact(
+            plate_report(pd.DataFrame(summary), plate_name=plan.plate_name),
+            key=artifact_key("plate-report", plan.plate_name),
+            description=f"Plate heat maps of cell count and focus for {plan.plate_name}",
+        )
     if failed:
         lines = "; ".join(f"{w}: {msg}" for w, msg in sorted(failed.items()))
         raise HcssegError(f"{len(failed)} of {len(plan.wells)} wells failed: {lines}")
     return {
         "plate": plan.plate_name,
         "wells": len(done),
-        "cells": sum(d["n_cells"] for d in done),
+        "skipped": skipped,
+        "cells": int(sum(rec.get("Image_Count_Cells", 0) for rec in summary)),
         "output": plan.output_root,
     }

@@ -174,6 +174,7 @@ def process(
         Path | None, typer.Option(help="JSON file with all options (see docs/config)")
     ] = None,
     workers: Annotated[int, typer.Option(help="wells processed in parallel")] = 2,
+    force: Annotated[bool, typer.Option(help="redo wells an earlier run already finished")] = False,
 ) -> None:
     """Segment nuclei and cells, write labels into the plate and tables as Parquet.
 
@@ -196,13 +197,52 @@ def process(
         from flows.process_plate import process_plate
 
         flow = process_plate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-        result = flow(plate_url, cfg)
+        result = flow(plate_url, cfg, force=force)
     except (HcssegError, ValueError) as exc:
         _fail(exc)
     typer.echo(
-        f"processed plate {result['plate']}: {result['wells']} wells, {result['cells']} cells; "
+        f"processed plate {result['plate']}: {result['wells']} wells processed, "
+        f"{result['skipped']} already done, {result['cells']} cells in total; "
         f"tables in {result['output']}"
     )
+
+
+@app.command()
+def evaluate(
+    plate_url: Annotated[str, typer.Argument(help="plate path")],
+    pred: Annotated[str, typer.Option(help="label image to score")] = "nuclei",
+    truth: Annotated[str, typer.Option(help="ground-truth label image")] = "nuclei_gt",
+    output: Annotated[
+        Path | None, typer.Option(help="folder for the metrics (default: <plate>_tables/eval)")
+    ] = None,
+) -> None:
+    """Score labels against ground truth: AP = TP/(TP+FP+FN) at IoU 0.5..0.95, F1, PQ."""
+    from hcsseg.config import ProcessConfig
+    from hcsseg.evaluate.plate_eval import evaluate_plate, write_evaluation
+
+    try:
+        table, summary = evaluate_plate(plate_url, pred=pred, truth=truth)
+    except HcssegError as exc:
+        _fail(exc)
+    out = output or ProcessConfig().output_root(plate_url) / "eval"
+    parquet, js = write_evaluation(table, summary, out)
+    typer.echo(
+        f"{summary['n_images']} fields, {summary['n_true']} true / "
+        f"{summary['n_pred']} predicted objects"
+    )
+    typer.echo(f"{'IoU':>5} {'AP (mean of fields)':>20} {'AP (pooled)':>12}")
+    for t in ("50", "75", "90"):
+        typer.echo(
+            f"{'0.' + t:>5} {summary[f'ap_{t}_image_mean']:>20.3f} "
+            f"{summary[f'ap_{t}_pooled']:>12.3f}"
+        )
+    typer.echo(
+        f"mean AP 0.50:0.95: {summary['ap_mean_image_mean']:.3f} (fields), "
+        f"{summary['ap_mean_pooled']:.3f} (pooled); F1@0.5 "
+        f"{summary['f1_50_pooled']:.3f}; splits {summary['splits_total']}, "
+        f"merges {summary['merges_total']}"
+    )
+    typer.echo(f"wrote {parquet} and {js}")
 
 
 @app.command()
@@ -225,7 +265,7 @@ def demo(
     except HcssegError as exc:
         _fail(exc)
     typer.echo(f"demo plate {plate.name} at {plate_path}")
-    process(str(plate_path), None, None, None, None, None, 2)
+    process(str(plate_path), None, None, None, None, None, 2, False)
 
 
 def run() -> None:  # pragma: no cover - console entry point

@@ -9,8 +9,13 @@ per table after all fields are done, so a killed run never leaves partial rows.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ class PlatePlan:
     measure_channels: list[str]
     output_root: str
     n_fields: int
+    config_hash: str
 
 
 @dataclass
@@ -127,7 +133,68 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         measure_channels=list(measure),
         output_root=str(config.output_root(str(plate_url))),
         n_fields=n_fields,
+        config_hash=config_hash(config),
     )
+
+
+def config_hash(config: ProcessConfig) -> str:
+    """Hash of the options that change results (not which wells or where tables go)."""
+    payload = config.model_dump(mode="json", exclude={"wells", "output"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _marker_path(plan: PlatePlan, well: str) -> Path:
+    return Path(plan.output_root) / "done" / safe_name(plan.plate_name) / f"{well}.json"
+
+
+def well_is_done(plan: PlatePlan, well: str) -> bool:
+    """A well counts as done only if its marker (written last) matches this config."""
+    path = _marker_path(plan, well)
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("config_hash") == plan.config_hash and all(
+        Path(t).exists() for t in marker.get("tables", [])
+    )
+
+
+def _mark_done(plan: PlatePlan, well: str, tables: list[str], run_id: str | None) -> None:
+    path = _marker_path(plan, well)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"config_hash": plan.config_hash, "tables": tables, "run_id": run_id or ""})
+    )
+    os.replace(tmp, path)
+
+
+@contextmanager
+def plate_lock(plan: PlatePlan) -> Iterator[None]:
+    """One run per plate at a time; the OS drops the lock if the holder dies."""
+    root = Path(plan.output_root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".lock-{safe_name(plan.plate_name)}"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise HcssegError(
+            f"plate {plan.plate_name} is being processed by another run ({holder}); "
+            "wait for it to finish or stop it first"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) -> None:
@@ -168,7 +235,7 @@ def process_well(
         if plan.cell_channel:
             wanted = list(dict.fromkeys([*wanted, plan.cell_channel]))
         data = plate.read_channels(ref, wanted)
-        images = dict(zip(wanted, data))
+        images = dict(zip(wanted, data, strict=True))
         for name, image in images.items():
             _check_finite(image, plate, ref, name)
         px = plate.pixel_size_um(ref)
@@ -208,7 +275,9 @@ def process_well(
         qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
         for name in plan.measure_channels:
             image = images[name]
-            sat = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else None
+            sat = (
+                float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else None
+            )
             qc.update(quality_columns(image_quality(image, saturation_value=sat), tokens[name]))
         qc_rows.append(qc)
         if on_field:
@@ -229,12 +298,23 @@ def process_well(
     }
     paths = [
         write_well_table(
-            cells_df, plan.output_root, "cells", plate=plan.plate_name, well=well, metadata=file_meta
+            cells_df,
+            plan.output_root,
+            "cells",
+            plate=plan.plate_name,
+            well=well,
+            metadata=file_meta,
         ),
         write_well_table(
-            qc_df, plan.output_root, "image_qc", plate=plan.plate_name, well=well, metadata=file_meta
+            qc_df,
+            plan.output_root,
+            "image_qc",
+            plate=plan.plate_name,
+            well=well,
+            metadata=file_meta,
         ),
     ]
+    _mark_done(plan, well, [str(p) for p in paths], run_id)
     return WellResult(
         well=well,
         n_fields=len(refs),
@@ -250,7 +330,8 @@ def summarise_wells(image_qc: pd.DataFrame) -> pd.DataFrame:
         return image_qc
     keys = ["Metadata_Plate", "Metadata_Well"]
     numeric = [
-        c for c in image_qc.columns
+        c
+        for c in image_qc.columns
         if c.startswith("Image_") and pd.api.types.is_numeric_dtype(image_qc[c])
     ]
     counts = [c for c in numeric if c.startswith("Image_Count_")]

@@ -26,7 +26,10 @@ MODELS = {"0.5": (HCS05, ImageLabel05), "0.4": (HCS04, ImageLabel04)}
 @pytest.fixture(params=["0.5", "0.4"])
 def plate(request, tmp_path):
     return synthetic_plate(
-        tmp_path / "p.zarr", wells=("B02", "C03"), fields_per_well=2, shape=(600, 560),
+        tmp_path / "p.zarr",
+        wells=("B02", "C03"),
+        fields_per_well=2,
+        shape=(600, 560),
         version=request.param,
     )
 

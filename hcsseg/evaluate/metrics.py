@@ -5,8 +5,10 @@ Conventions match StarDist ``stardist.matching.matching`` and Cellpose
 
 * A predicted and a true object *match* when their IoU is **>= threshold** (not strictly
   greater). Matching is one-to-one: it maximises the number of matched pairs, ties broken by
-  the larger summed IoU (an assignment problem, solved there densely by the Hungarian
-  algorithm and here on the sparse candidate graph).
+  the larger summed IoU of the matched pairs (an assignment problem, solved there densely by
+  the Hungarian algorithm and here on the sparse candidate graph). Their cost also rewards
+  the IoU of pairs below the threshold, so below 0.5 their matched IoU and PQ can come out
+  marginally lower than ours; TP, and so AP, are always the same.
 * "AP" is the Data Science Bowl / Cellpose score TP / (TP + FP + FN), not the area under a
   precision-recall curve.
 * Objects are the distinct non-zero labels present, so ids need not be consecutive. Cellpose
@@ -207,8 +209,8 @@ def _assign(ov: _Overlap, pairs: IndexArray) -> IndexArray:
 
     Solved as a sparse assignment problem (LAPJVsp) in which each prediction may instead take
     a private dummy partner, so a full matching always exists and objects may stay unmatched.
-    Weights: a real match >= 1, all IoU tie-break terms together < 0.5 (StarDist's cost), all
-    dummies together < 0.25, so the number of matches always comes first."""
+    Weights: a real match >= 1, all IoU tie-break terms together <= 0.5, all dummies
+    together <= 0.25, so the number of matches always comes first."""
     rows, r = np.unique(ov.pair_pred[pairs], return_inverse=True)
     cols, c = np.unique(ov.pair_truth[pairs], return_inverse=True)
     n_r, n_c = rows.size, cols.size

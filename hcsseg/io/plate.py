@@ -202,9 +202,7 @@ class Plate:
     def has_channel(self, ref: FieldRef, name: str) -> bool:
         return name in self.channel_names(ref)
 
-    def read_channels(
-        self, ref: FieldRef, names: Sequence[str], *, level: int = 0
-    ) -> np.ndarray:
+    def read_channels(self, ref: FieldRef, names: Sequence[str], *, level: int = 0) -> np.ndarray:
         """Channels of one field as a ``(C, Y, X)`` array (singleton t/z squeezed)."""
         idx = self.channel_index(ref, names)
         arr = self.array(ref, level)

@@ -71,7 +71,7 @@ def pyramid_levels(shape_yx: tuple[int, int], *, min_size: int = 256, max_levels
     smallest = min(shape_yx)
     if smallest <= min_size:
         return 1
-    return max(1, min(max_levels, 1 + int(math.floor(math.log2(smallest / min_size)))))
+    return max(1, min(max_levels, 1 + math.floor(math.log2(smallest / min_size))))
 
 
 def level_shape(shape_yx: tuple[int, int], level: int) -> tuple[int, int]:
@@ -178,7 +178,9 @@ def create_array(
     version: NgffVersion,
     overwrite: bool = False,
 ) -> zarr.Array:
-    chunks = tuple(1 if d in ("c", "t", "z") else min(s, CHUNK) for d, s in zip(dims, shape))
+    chunks = tuple(
+        1 if d in ("c", "t", "z") else min(s, CHUNK) for d, s in zip(dims, shape, strict=True)
+    )
     kwargs: dict[str, Any] = {}
     if version == "0.5":
         kwargs["dimension_names"] = dims
@@ -293,9 +295,7 @@ def write_field_image(plate: Plate, ref: FieldRef, data: np.ndarray) -> None:
         plate.array(ref, level)[...] = level_data
 
 
-def append_channel(
-    plate: Plate, ref: FieldRef, spec: ChannelSpec, data: np.ndarray
-) -> None:
+def append_channel(plate: Plate, ref: FieldRef, spec: ChannelSpec, data: np.ndarray) -> None:
     """Add (or overwrite) one named channel of a field, pyramid included.
 
     Pixels go in first and the ``omero`` entry last, so a crash in between leaves a

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 PRESETS: dict[str, str] = {
     # ImageXpress / CellProfiler example naming: AS_09125_050116030001_D03f00d0.tif
-    "imagexpress": r"^(?P<plate>.+)_(?P<well>[A-Za-z]{1,2}\d{1,2})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?$",
+    "imagexpress": (
+        r"^(?P<plate>.+)_(?P<well>[A-Za-z]{1,2}\d{1,2})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?$"
+    ),
     # Operetta/Harmony export: r01c03f02p01-ch1sk1fk1fl1.tiff
     "operetta": r"^r(?P<row>\d+)c(?P<col>\d+)f(?P<site>\d+)p\d+-ch(?P<channel>\d+).*\.tiff?$",
 }
@@ -218,7 +220,7 @@ def _write(
         overwrite=overwrite,
     )
     for f, idx in tqdm(
-        list(zip(fields, field_index)), desc=f"importing {plate_name}", unit="field"
+        list(zip(fields, field_index, strict=True)), desc=f"importing {plate_name}", unit="field"
     ):
         ref = FieldRef(f.well[0], f"{f.well[1]:02d}", str(idx), idx)
         data = np.stack([_read_plane(f.channel_files[c]) for c in channels])
@@ -341,6 +343,6 @@ def plate_from_arrays(
         version=version,
         overwrite=overwrite,
     )
-    for ref, (_, data) in zip(refs, items):
+    for ref, (_, data) in zip(refs, items, strict=True):
         write_field_image(plate, ref, data)
     return plate

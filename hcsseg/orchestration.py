@@ -1,0 +1,381 @@
+"""Production wiring for the Prefect flows: pools, task runners, plate discovery, GPU hand-off.
+
+Everything a deployment needs to be configured by *data* (deployment parameters, worker
+environment variables) instead of code edits: which task runner a flow uses, which
+deployment gets GPU work, which plates in a folder still need processing. Heavy or
+optional imports (prefect-dask, dask-jobqueue, the Prefect client) happen inside the
+functions that need them, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hcsseg.config import ProcessConfig
+from hcsseg.errors import HcssegError, PlateFormatError
+from hcsseg.export.tables import safe_name
+from hcsseg.io.plate import open_plate
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.task_runners import TaskRunner
+
+log = logging.getLogger(__name__)
+
+CPU_POOL = "hcsseg-cpu"
+GPU_POOL = "hcsseg-gpu"
+GPU_CONCURRENCY_LIMIT = "gpu"
+"""Global concurrency limit held around GPU work: ``with concurrency(GPU_CONCURRENCY_LIMIT):``."""
+PLATE_READY_EVENT = "hcs.plate.ready"
+PLATE_RESOURCE_PREFIX = "hcs.plate."
+TASK_RUNNER_ENV = "HCSSEG_TASK_RUNNER"
+GPU_DEPLOYMENT_ENV = "HCSSEG_GPU_DEPLOYMENT"
+STATUS_DIR = "_runs"
+
+PlateState = Literal["submitted", "completed", "failed"]
+
+
+class TaskRunnerConfig(BaseModel):
+    """Where the tasks of one flow run execute.
+
+    ``threads`` (default) runs wells on a thread pool in the flow-run process: ~5 ms per
+    task, no serialisation. ``dask`` costs ~100 ms per task but spreads wells over
+    processes or machines: a local cluster (neither ``address`` nor ``cluster_class``),
+    an existing scheduler (``address``), or a cluster class such as
+    ``dask_jobqueue.SLURMCluster`` built with ``cluster_kwargs`` and scaled adaptively
+    between ``adapt_minimum`` and ``adapt_maximum`` workers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["threads", "dask"] = Field("threads", description="thread pool or Dask")
+    max_workers: int = Field(
+        2, ge=1, description="threads, or worker processes of a local Dask cluster"
+    )
+    address: str | None = Field(
+        None, description="existing Dask scheduler, e.g. tcp://scheduler:8786"
+    )
+    cluster_class: str | None = Field(
+        None, description="import path of a Dask cluster class, e.g. dask_jobqueue.SLURMCluster"
+    )
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the cluster class"
+    )
+    adapt_minimum: int | None = Field(None, ge=0, description="adaptive scaling: fewest workers")
+    adapt_maximum: int | None = Field(None, ge=1, description="adaptive scaling: most workers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskRunnerConfig:
+        dask_only = {
+            "address": self.address,
+            "cluster_class": self.cluster_class,
+            "cluster_kwargs": self.cluster_kwargs,
+            "adapt_minimum": self.adapt_minimum,
+            "adapt_maximum": self.adapt_maximum,
+        }
+        if self.kind == "threads":
+            used = [k for k, v in dask_only.items() if v]
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to kind='dask'")
+        elif self.address and (self.cluster_class or self.cluster_kwargs or self.adapt_maximum):
+            raise ValueError(
+                "address (an existing scheduler) excludes cluster_class/cluster_kwargs/adapt_*"
+            )
+        if (
+            self.adapt_minimum is not None
+            and self.adapt_maximum is not None
+            and self.adapt_minimum > self.adapt_maximum
+        ):
+            raise ValueError("adapt_minimum must not exceed adapt_maximum")
+        return self
+
+
+class WatchOptions(BaseModel):
+    """How `watch-plates` finds plates and hands them on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field("*.zarr", description="glob for plate folders inside the watched folder")
+    recursive: bool = Field(False, description="also look in sub-folders")
+    min_age_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="skip plates whose top-level metadata changed more recently (still copying)",
+    )
+    max_plates: int = Field(10, ge=1, description="plates handed on per run; the rest wait")
+    max_attempts: int = Field(3, ge=1, description="give up on a plate after this many failures")
+    deployment_name: str | None = Field(
+        None,
+        description="run each plate as a run of this deployment (e.g. 'process-plate/on-demand') "
+        "instead of inside the watcher's own process",
+    )
+    task_runner: TaskRunnerConfig | None = Field(
+        None, description="task runner for in-process runs; default: the flow's own"
+    )
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+class PlateStatus(BaseModel):
+    """Contents of the per-plate status file the watcher keeps beside the tables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: PlateState
+    plate_url: str
+    attempts: int = 0
+    flow_run_id: str | None = None
+    message: str = ""
+    updated: str = Field(default_factory=lambda: utc_now())
+
+    def moved_to(self, state: PlateState, message: str = "") -> PlateStatus:
+        return self.model_copy(update={"state": state, "message": message, "updated": utc_now()})
+
+
+class PlateCandidate(BaseModel):
+    """A plate found in the watched folder, with its status file (if any)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plate_url: str
+    plate_name: str
+    status_path: Path
+    status: PlateStatus | None = None
+
+
+def _import_attr(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise HcssegError(f"cluster_class {path!r} must be a full import path, e.g. module.Class")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        raise HcssegError(
+            f"cluster_class {path!r}: module {exc.name!r} is not installed "
+            f"(e.g. `pip install dask-jobqueue` for SLURM/PBS clusters)"
+        ) from exc
+    except AttributeError as exc:
+        raise HcssegError(f"cluster_class {path!r}: {module} has no {name!r}") from exc
+
+
+def build_task_runner(config: TaskRunnerConfig | None = None) -> TaskRunner:
+    """The task runner a flow run should use (prefect-dask is imported only when asked for)."""
+    config = config or TaskRunnerConfig()
+    if config.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=config.max_workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ModuleNotFoundError as exc:
+        raise HcssegError(
+            "kind='dask' needs prefect-dask and distributed: pip install 'hcsseg[dask]'"
+        ) from exc
+    if config.address:
+        return DaskTaskRunner(address=config.address)
+    adapt: dict[str, int] = {}
+    if config.adapt_minimum is not None:
+        adapt["minimum"] = config.adapt_minimum
+    if config.adapt_maximum is not None:
+        adapt["maximum"] = config.adapt_maximum
+    if config.cluster_class:
+        return DaskTaskRunner(
+            cluster_class=_import_attr(config.cluster_class),
+            cluster_kwargs=dict(config.cluster_kwargs),
+            adapt_kwargs=adapt or None,
+        )
+    # One single-threaded process per worker: segmentation holds the GIL in places, and
+    # numpy/BLAS threads inside each process would oversubscribe the cores.
+    local = {
+        "n_workers": config.max_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        **config.cluster_kwargs,
+    }
+    return DaskTaskRunner(
+        cluster_class=_import_attr("distributed.LocalCluster"),
+        cluster_kwargs=local,
+        adapt_kwargs=adapt or None,
+    )
+
+
+def task_runner_config_from_env(env: Mapping[str, str] | None = None) -> TaskRunnerConfig | None:
+    """`TaskRunnerConfig` from the JSON in ``$HCSSEG_TASK_RUNNER``; None when unset.
+
+    Lets a deployment pick its task runner through ``job_variables.env`` of its work
+    pool, without a code change per cluster.
+    """
+    raw = (os.environ if env is None else env).get(TASK_RUNNER_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return TaskRunnerConfig.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HcssegError(f"${TASK_RUNNER_ENV} is not a valid task runner config: {exc}") from exc
+
+
+def task_runner_from_env(
+    env: Mapping[str, str] | None = None, *, default: TaskRunnerConfig | None = None
+) -> TaskRunner:
+    """The task runner ``$HCSSEG_TASK_RUNNER`` asks for, else ``default`` (thread pool)."""
+    return build_task_runner(task_runner_config_from_env(env) or default)
+
+
+def submit_gpu_work(
+    deployment_name: str | None,
+    parameters: Mapping[str, Any],
+    *,
+    timeout: float | None = None,
+    flow_run_name: str | None = None,
+    idempotency_key: str | None = None,
+) -> FlowRun | None:
+    """Hand GPU work to a deployment on the GPU pool; None means "run it here".
+
+    ``deployment_name`` (``flow-name/deployment-name``) falls back to
+    ``$HCSSEG_GPU_DEPLOYMENT``. With neither set, callers run the work locally. ``timeout``
+    is how long to wait for the run to finish (None: wait; 0: return at once).
+    """
+    name = deployment_name or os.environ.get(GPU_DEPLOYMENT_ENV, "").strip()
+    if not name:
+        return None
+    if "/" not in name:
+        raise HcssegError(f"GPU deployment {name!r} must be named 'flow-name/deployment-name'")
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return run_deployment(
+            name,
+            parameters=dict(parameters),
+            timeout=timeout,
+            flow_run_name=flow_run_name,
+            idempotency_key=idempotency_key,
+        )
+    except ObjectNotFound as exc:
+        raise HcssegError(
+            f"GPU deployment {name!r} not found on the Prefect server "
+            f"(deploy it: prefect deploy --prefect-file deployments/prefect.yaml --name ...)"
+        ) from exc
+
+
+def plate_resource_id(plate_name: str) -> str:
+    return f"{PLATE_RESOURCE_PREFIX}{plate_name}"
+
+
+def emit_plate_ready(plate_url: str, *, plate_name: str | None = None) -> Any:
+    """Tell Prefect a plate is complete on disk; the event-triggered deployment runs it."""
+    from prefect.events import emit_event
+
+    name = plate_name or Path(plate_url.rstrip("/")).stem
+    return emit_event(
+        event=PLATE_READY_EVENT,
+        resource={"prefect.resource.id": plate_resource_id(name), "hcs.plate.url": plate_url},
+        payload={"plate_url": plate_url},
+    )
+
+
+def status_path(plate_url: str, plate_name: str, config: ProcessConfig) -> Path:
+    """Where the watcher records a plate's state: ``<tables>/_runs/<plate name>.json``.
+
+    It sits with the tables (not in the plate) so a read-only plate store still works,
+    and under its own folder so Parquet readers of ``cells/`` never see it.
+    """
+    return config.output_root(plate_url) / STATUS_DIR / f"{safe_name(plate_name)}.json"
+
+
+def read_status(path: Path) -> PlateStatus | None:
+    if not path.is_file():
+        return None
+    try:
+        return PlateStatus.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise HcssegError(f"plate status file {path} is corrupt; delete it to retry: {exc}") from exc
+
+
+def write_status(path: Path, status: PlateStatus) -> Path:
+    """Atomic write (temp file + rename), so a watcher never reads half a status."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(status.model_dump_json(indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _last_change(plate: Path) -> float:
+    """Newest mtime of the plate folder and its top-level metadata files.
+
+    Cheap on purpose (no walk over chunks): acquisition software that writes the plate
+    metadata last, or emits ``hcs.plate.ready``, makes this reliable.
+    """
+    times = [plate.stat().st_mtime]
+    for name in ("zarr.json", ".zattrs", ".zgroup"):
+        meta = plate / name
+        if meta.exists():
+            times.append(meta.stat().st_mtime)
+    return max(times)
+
+
+def find_plates(
+    folder: str | Path,
+    *,
+    options: WatchOptions | None = None,
+    config: ProcessConfig | None = None,
+    now: float | None = None,
+) -> list[PlateCandidate]:
+    """HCS plates in ``folder`` that are old enough to be complete, with their status."""
+    options = options or WatchOptions()
+    config = config or ProcessConfig()
+    root = Path(folder)
+    if not root.is_dir():
+        raise HcssegError(f"watched folder {folder} does not exist or is not a folder")
+    now = time.time() if now is None else now
+    paths = root.rglob(options.pattern) if options.recursive else root.glob(options.pattern)
+    found = []
+    for path in sorted(p for p in paths if p.is_dir()):
+        if now - _last_change(path) < options.min_age_seconds:
+            log.info("skip %s: changed less than %g s ago", path, options.min_age_seconds)
+            continue
+        try:
+            plate = open_plate(path)
+        except PlateFormatError as exc:
+            log.info("skip %s: %s", path, exc)
+            continue
+        where = status_path(str(path), plate.name, config)
+        found.append(
+            PlateCandidate(
+                plate_url=str(path),
+                plate_name=plate.name,
+                status_path=where,
+                status=read_status(where),
+            )
+        )
+    return found
+
+
+def needs_processing(candidate: PlateCandidate, *, max_attempts: int) -> bool:
+    """No status yet, or failed fewer than ``max_attempts`` times.
+
+    ``submitted`` plates are not re-submitted here: the watcher first asks the server
+    how that run ended (`refresh_submitted`).
+    """
+    status = candidate.status
+    if status is None:
+        return True
+    return status.state == "failed" and status.attempts < max_attempts
