@@ -88,7 +88,7 @@ def test_flow_writes_labels_features_and_qc(small_plate):
         cells_df, strata=["Metadata_Plate", "Metadata_Well"], features="infer"
     )
     assert len(profiles) == 3
-    n = duckdb.sql(f"select count(*) from read_parquet('{root}/cells/**/*.parquet')").fetchone()
+    n = duckdb.sql(f"select count(*) from read_parquet('{root}/cells/**/*.parquet')").fetchall()[0]
     assert n[0] == len(cells_df)
 
 

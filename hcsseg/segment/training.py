@@ -168,7 +168,7 @@ def _flatten_stack(stack: np.ndarray, name: str) -> np.ndarray:
     offset = 0
     for plane in stack:
         ids, inverse = np.unique(plane, return_inverse=True)
-        new = np.arange(ids.size) + offset - (1 if ids[0] == 0 else 0)
+        new = np.arange(ids.size) + offset + (0 if ids[0] == 0 else 1)
         new[ids == 0] = 0
         out += new[inverse.reshape(plane.shape)]
         offset += int(np.count_nonzero(ids))
@@ -414,7 +414,9 @@ def build_smp_model(
     try:
         model = smp.Unet(**kwargs) if arch == "unet" else smp.FPN(**kwargs)
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"cannot build {arch} with encoder {encoder_name!r}: {exc}") from None
+        raise ModelError(
+            f"cannot build {arch} with encoder {encoder_name!r}: {str(exc)[:160]}"
+        ) from None
     if init == "imagenet":
         model.encoder.load_state_dict(_imagenet_encoder_state(encoder_name))
         model.encoder.set_in_channels(in_channels, pretrained=True)
@@ -474,6 +476,12 @@ def transfer_weights(
         raise ModelError(
             f"{what} lacks {len(missing)} of the {len(keys)} tensors under {list(prefixes)} "
             f"(e.g. {missing[0]!r}): it was trained with another encoder"
+        )
+    extra = [k for k in state if k.startswith(tuple(prefixes)) and k not in target]
+    if extra:
+        raise ModelError(
+            f"{what} has {len(extra)} tensors this model lacks under {list(prefixes)} "
+            f"(e.g. {extra[0]!r}): it was trained with another encoder"
         )
     bad = [(k, tuple(state[k].shape), tuple(target[k].shape)) for k in keys]
     bad = [b for b in bad if b[1] != b[2]]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
-from skimage import filters, measure
+from skimage import filters, measure, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
@@ -60,7 +60,15 @@ class UnsupervisedOptions(BaseModel):
     area_size: int = Field(192, ge=32, description="side of the training areas")
     areas_per_step: int = Field(1, ge=1)
     max_markers_per_area: int = Field(160, ge=1, description="random subset beyond this")
-    n_steps: int = Field(600, ge=1)
+    warmup_steps: int = Field(
+        100,
+        ge=0,
+        description="supervised steps on markers grown by warmup_radius (cellcutter's fake "
+        "labels) before the annotation-free loss: training then starts from compact masks "
+        "around each marker instead of collapsing to empty masks",
+    )
+    warmup_radius: float = Field(5.0, gt=0, description="growth of the fake labels, pixels")
+    n_steps: int = Field(600, ge=1, description="steps with the annotation-free loss")
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     flip_augment: bool = Field(True, description="random patch flips, undone on the output")
@@ -180,16 +188,21 @@ def as_markers(
 
 
 def foreground_mask(
-    image: np.ndarray, *, sigma: float = 1.0, percentiles: tuple[float, float] = (1.0, 99.8)
+    image: np.ndarray,
+    *,
+    sigma: float = 1.0,
+    correction: float = 1.0,
+    percentiles: tuple[float, float] = (1.0, 99.8),
 ) -> np.ndarray:
-    """M for the loss: Otsu on the smoothed mean of the normalised channels, holes filled.
+    """M for the loss: Otsu (times `correction`, as in CellProfiler) on the smoothed mean of
+    the normalised channels, holes filled.
 
     Filling holes keeps the dim interior of a cell whose surface stain draws only its rim."""
     norm = normalize_percentile(image, *percentiles).mean(axis=0)
     smooth = filters.gaussian(norm, sigma=sigma) if sigma > 0 else norm
     if smooth.max() <= smooth.min():
         return np.zeros(smooth.shape, dtype=bool)
-    return ndi.binary_fill_holes(smooth > filters.threshold_otsu(smooth))
+    return ndi.binary_fill_holes(smooth > correction * filters.threshold_otsu(smooth))
 
 
 def _position_channel(options: UnsupervisedOptions) -> np.ndarray:
@@ -249,13 +262,21 @@ def unsupervised_loss(
 
 
 class _Field:
-    """One training field: padded normalised image, padded mask, marker positions."""
+    """One training field: padded normalised image, mask and warm-up labels (marker i grown
+    into label i + 1), and the marker positions."""
 
-    def __init__(self, image: np.ndarray, pos: np.ndarray, mask: np.ndarray, pad: int) -> None:
+    def __init__(
+        self, image: np.ndarray, pos: np.ndarray, mask: np.ndarray, pad: int, radius: float
+    ) -> None:
         self.shape = image.shape[1:]
         self.pos = pos
         self.image = np.pad(image, ((0, 0), (pad, pad), (pad, pad)))
-        self.mask = np.pad(mask.astype(np.float32), pad)
+        points = np.zeros(self.shape, dtype=np.int64)
+        points[pos[:, 0], pos[:, 1]] = np.arange(1, len(pos) + 1)
+        seeds = segmentation.expand_labels(points, radius)
+        self.seeds = np.pad(seeds, pad)
+        # a marker is a nucleus, inside its cell by definition: its disk is always foreground
+        self.mask = np.pad((mask | (seeds > 0)).astype(np.float32), pad)
 
 
 def _prepare_fields(
@@ -286,7 +307,7 @@ def _prepare_fields(
                 )
             m = m > 0
         if len(pos):
-            fields.append(_Field(norm, pos, m, options.patch_size // 2))
+            fields.append(_Field(norm, pos, m, options.patch_size // 2, options.warmup_radius))
     if not fields:
         raise InputDataError(
             "none of the training images has nucleus markers; the annotation-free model "
@@ -301,8 +322,8 @@ def _prepare_fields(
 def _sample_area(
     fields: list[_Field], options: UnsupervisedOptions, rng: np.random.Generator
 ) -> tuple[_Field, np.ndarray, int, int]:
-    """A random square area holding a random marker (every marker equally likely), its
-    markers (a random subset beyond `max_markers_per_area`) and its origin."""
+    """A random square area holding a random marker (every marker equally likely), the
+    indices of its markers (a random subset beyond `max_markers_per_area`) and its origin."""
     counts = np.array([len(f.pos) for f in fields], dtype=float)
     f = fields[rng.choice(len(fields), p=counts / counts.sum())]
     my, mx = f.pos[rng.integers(len(f.pos))]
@@ -315,10 +336,10 @@ def _sample_area(
         & (f.pos[:, 1] >= x0)
         & (f.pos[:, 1] < x0 + aw)
     )
-    pos = f.pos[inside]
-    if len(pos) > options.max_markers_per_area:
-        pos = pos[rng.choice(len(pos), options.max_markers_per_area, replace=False)]
-    return f, pos, y0, x0
+    sel = np.flatnonzero(inside)
+    if len(sel) > options.max_markers_per_area:
+        sel = rng.choice(sel, options.max_markers_per_area, replace=False)
+    return f, sel, y0, x0
 
 
 def _flip(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -366,21 +387,30 @@ def train_unsupervised(
     gauss = _position_channel(opts)
     p = opts.patch_size
     canvas_side = opts.area_size + p
-    hist: dict[str, Any] = {"loss": [], "area": [], "overlap": [], "background": []}
+    hist: dict[str, Any] = {
+        "warmup_loss": [],
+        "loss": [],
+        "area": [],
+        "overlap": [],
+        "background": [],
+    }
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for _ in range(opts.n_steps):
+    for step in range(opts.warmup_steps + opts.n_steps):
+        warm = step < opts.warmup_steps
         xs, idx, ms = [], [], []
         for a in range(opts.areas_per_step):
-            f, pos, y0, x0 = _sample_area(fields, opts, rng)
+            f, sel, y0, x0 = _sample_area(fields, opts, rng)
+            pos = f.pos[sel]
             rows, cols = _patch_index(pos, p)
             xs.append(_patches(f.image, pos, gauss))
-            ms.append(f.mask[rows, cols])
+            if warm:
+                ms.append((f.seeds[rows, cols] == (sel + 1)[:, None, None]).astype(np.float32))
+            else:
+                ms.append(f.mask[rows, cols])
             # canvas coordinates: patch pixel (r, c) of marker m sits at m - origin + (r, c)
-            flat = (rows - y0) * canvas_side + (cols - x0) + a * canvas_side**2
-            idx.append(flat)
+            idx.append((rows - y0) * canvas_side + (cols - x0) + a * canvas_side**2)
         x = torch.from_numpy(np.concatenate(xs)).to(device)
-        mask = torch.from_numpy(np.concatenate(ms)).to(device)
-        index = torch.from_numpy(np.concatenate(idx)).to(device)
+        target = torch.from_numpy(np.concatenate(ms)).to(device)
         net.train()
         code = torch.from_numpy(rng.integers(0, 4, len(x))).to(device)
         if not opts.flip_augment:
@@ -388,14 +418,21 @@ def train_unsupervised(
         with autocast(device, opts.amp):
             logits = net(_flip(x, code))
         logits = _flip(logits.float()[:, 0], code)
-        loss, parts = unsupervised_loss(
-            logits, index, opts.areas_per_step * canvas_side**2, mask, opts
-        )
+        if warm:
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            index = torch.from_numpy(np.concatenate(idx)).to(device)
+            loss, parts = unsupervised_loss(
+                logits, index, opts.areas_per_step * canvas_side**2, target, opts
+            )
         if not torch.isfinite(loss):
             raise ModelError(f"annotation-free training diverged (loss {loss.item()})")
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
+        if warm:
+            hist["warmup_loss"].append(float(loss.item()))
+            continue
         sched.step()
         hist["loss"].append(float(loss.item()))
         for k, v in parts.items():
