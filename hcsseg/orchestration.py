@@ -303,7 +303,9 @@ def read_status(path: Path) -> PlateStatus | None:
     try:
         return PlateStatus.model_validate_json(path.read_text())
     except ValidationError as exc:
-        raise HcssegError(f"plate status file {path} is corrupt; delete it to retry: {exc}") from exc
+        raise HcssegError(
+            f"plate status file {path} is corrupt; delete it to retry: {exc}"
+        ) from exc
 
 
 def write_status(path: Path, status: PlateStatus) -> Path:

@@ -28,13 +28,21 @@ from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, open_plate
-from hcsseg.measure.features import channel_token, measure_objects
-from hcsseg.measure.quality import image_quality, quality_columns
+from hcsseg.measure.features import channel_token, feature_columns, measure_objects
+from hcsseg.measure.quality import QUALITY_FEATURES, image_quality, quality_columns
 from hcsseg.segment.classical import segment_cells, segment_nuclei
 
 log = logging.getLogger(__name__)
 
 VIRTUAL_SUFFIX = "_virtual"
+FIELD_METADATA = (
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_ImagePath",
+    "Metadata_NucleusChannel",
+    "Metadata_NucleusChannelSource",
+)
 
 
 @dataclass(frozen=True)
@@ -65,19 +73,17 @@ def _pick(names: list[str], pattern: Any) -> str | None:
     return next((n for n in names if pattern.search(n) and not n.endswith(VIRTUAL_SUFFIX)), None)
 
 
-def _channels_everywhere(plate: Plate, wells: list[str]) -> tuple[list[str], int]:
-    """Channels present in every field, and the number of fields."""
-    common: list[str] | None = None
-    n = 0
-    for ref in plate.iter_fields(wells):
-        names = plate.channel_names(ref)
-        common = names if common is None else [c for c in common if c in names]
-        n += 1
-    return common or [], n
+def _field_channels(plate: Plate, wells: list[str]) -> dict[str, list[str]]:
+    """Channel names of every field (metadata only: cheap even for big plates)."""
+    return {ref.path: plate.channel_names(ref) for ref in plate.iter_fields(wells)}
 
 
 def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
-    """Validate the request against the plate; raises before anything is written."""
+    """Validate the request against the plate; raises before anything is written.
+
+    A field without the nucleus channel uses ``<nucleus>_virtual`` when it has one (the
+    virtual-staining step writes it), so plates stained in only some wells still work.
+    """
     plate = open_plate(plate_url)
     wells = plate.wells()
     if config.wells:
@@ -89,38 +95,44 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         wells = [w for w in wells if w in config.wells]
     if not wells:
         raise HcssegError(f"plate {plate.name} has no wells")
-    channels, n_fields = _channels_everywhere(plate, wells)
+    per_field = _field_channels(plate, wells)
+    everywhere = [
+        c for c in next(iter(per_field.values())) if all(c in names for names in per_field.values())
+    ]
+    anywhere = list(dict.fromkeys(c for names in per_field.values() for c in names))
 
-    def fields_lacking(name: str) -> list[str]:
-        return [r.path for r in plate.iter_fields(wells) if not plate.has_channel(r, name)]
-
-    nucleus = config.nucleus_channel or _pick(channels, NUCLEUS_NAMES)
+    nucleus = config.nucleus_channel or _pick(anywhere, NUCLEUS_NAMES)
     if nucleus is None:
         raise ChannelNotFoundError(
             "<a nucleus stain such as DAPI/Hoechst/DNA>",
-            channels,
+            anywhere,
             where=f"plate {plate.name} (set nucleus_channel / --nucleus-channel)",
         )
-    if nucleus not in channels:
-        lacking = fields_lacking(nucleus)
-        if len(lacking) == n_fields:
-            raise ChannelNotFoundError(nucleus, channels, where=f"plate {plate.name}")
-        raise ChannelNotFoundError(
-            nucleus,
-            channels,
-            where=f"plate {plate.name} fields {', '.join(lacking[:5])}"
-            + (" ..." if len(lacking) > 5 else "")
-            + " (predict a virtual nucleus channel first, or choose another channel)",
-        )
+    fallback = f"{nucleus}{VIRTUAL_SUFFIX}"
+    lacking = [
+        f for f, names in per_field.items() if nucleus not in names and fallback not in names
+    ]
+    if lacking:
+        where = f"plate {plate.name}"
+        if len(lacking) < len(per_field):
+            where += (
+                f" fields {', '.join(lacking[:5])}"
+                + (" ..." if len(lacking) > 5 else "")
+                + f" (and no {fallback!r} there: predict a virtual nucleus channel first)"
+            )
+        raise ChannelNotFoundError(nucleus, anywhere, where=where)
     cell = config.cell_channel
     if cell is None:
-        cell = _pick([c for c in channels if c != nucleus], CELL_NAMES)
-    elif cell not in channels:
-        raise ChannelNotFoundError(cell, channels, where=f"plate {plate.name}")
-    measure = config.measure_channels or channels
-    missing = [c for c in measure if c not in channels]
-    if missing:
-        raise ChannelNotFoundError(missing, channels, where=f"plate {plate.name}")
+        cell = _pick([c for c in everywhere if c != nucleus], CELL_NAMES)
+    elif cell not in everywhere:
+        raise ChannelNotFoundError(cell, everywhere, where=f"plate {plate.name}")
+    if config.measure_channels:
+        missing = [c for c in config.measure_channels if c not in anywhere]
+        if missing:
+            raise ChannelNotFoundError(missing, anywhere, where=f"plate {plate.name}")
+        measure = list(config.measure_channels)
+    else:
+        measure = [c for c in anywhere if c in everywhere or c in (nucleus, fallback)]
     tokens = [channel_token(c) for c in measure]
     if len(set(tokens)) != len(tokens):
         raise HcssegError(f"channels {measure} map to clashing feature tokens {tokens}")
@@ -130,9 +142,9 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         wells=wells,
         nucleus_channel=nucleus,
         cell_channel=cell,
-        measure_channels=list(measure),
+        measure_channels=measure,
         output_root=str(config.output_root(str(plate_url))),
-        n_fields=n_fields,
+        n_fields=len(per_field),
         config_hash=config_hash(config),
     )
 
@@ -206,6 +218,42 @@ def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) 
         )
 
 
+def _count(labels: np.ndarray) -> int:
+    ids = np.unique(labels)
+    return int((ids > 0).sum())
+
+
+def schema(plan: PlatePlan) -> list[str]:
+    """Identifier + feature columns every per-cell file of the plate has, in order.
+
+    Fields lacking a channel get NaN there, so all files of a plate share one schema and
+    readers can concatenate them without schema merging.
+    """
+    tokens = tuple(channel_token(c) for c in plan.measure_channels)
+    return [
+        "Metadata_ObjectNumber",
+        "Metadata_Cells_Parent_Nuclei",
+        "Metadata_Cytoplasm_Parent_Cells",
+        *feature_columns(tokens),
+    ]
+
+
+def qc_schema(plan: PlatePlan) -> list[str]:
+    quality = [
+        f"Image_ImageQuality_{k}_{channel_token(c)}"
+        for c in plan.measure_channels
+        for k in QUALITY_FEATURES
+    ]
+    return [
+        *FIELD_METADATA,
+        "Image_Count_Nuclei",
+        "Image_Count_Cells",
+        "Image_Width",
+        "Image_Height",
+        *quality,
+    ]
+
+
 def segment_field(
     image: np.ndarray, cell_image: np.ndarray | None, *, pixel_size_um: float, config: ProcessConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -231,49 +279,49 @@ def process_well(
     tokens = {c: channel_token(c) for c in plan.measure_channels}
     for ref in refs:
         remove_stale_temporaries(plate, ref)
-        wanted = list(dict.fromkeys([*plan.measure_channels, plan.nucleus_channel]))
-        if plan.cell_channel:
-            wanted = list(dict.fromkeys([*wanted, plan.cell_channel]))
-        data = plate.read_channels(ref, wanted)
-        images = dict(zip(wanted, data, strict=True))
+        names = plate.channel_names(ref)
+        nucleus = plan.nucleus_channel
+        if nucleus not in names:
+            nucleus = f"{nucleus}{VIRTUAL_SUFFIX}"
+        present = [c for c in plan.measure_channels if c in names]
+        wanted = list(dict.fromkeys([*present, nucleus, plan.cell_channel or nucleus]))
+        images = dict(zip(wanted, plate.read_channels(ref, wanted), strict=True))
         for name, image in images.items():
             _check_finite(image, plate, ref, name)
         px = plate.pixel_size_um(ref)
         nuclei, cells = segment_field(
-            images[plan.nucleus_channel],
+            images[nucleus],
             images[plan.cell_channel] if plan.cell_channel else None,
             pixel_size_um=px,
             config=config,
         )
-        provenance = {"nucleus_channel": plan.nucleus_channel, "method": "classical"}
+        provenance = {"nucleus_channel": nucleus, "method": "classical"}
         write_labels(plate, ref, "nuclei", nuclei, properties=provenance)
         write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
 
         features = measure_objects(
-            nuclei, cells, {tokens[c]: images[c] for c in plan.measure_channels}, pixel_size_um=px
+            nuclei, cells, {tokens[c]: images[c] for c in present}, pixel_size_um=px
         )
         meta = {
             "Metadata_Plate": plan.plate_name,
             "Metadata_Well": ref.well,
             "Metadata_Site": ref.site,
             "Metadata_ImagePath": f"{plan.plate_url}/{ref.path}",
-            "Metadata_NucleusChannel": plan.nucleus_channel,
-            "Metadata_NucleusChannelSource": "virtual"
-            if plan.nucleus_channel.endswith(VIRTUAL_SUFFIX)
-            else "measured",
+            "Metadata_NucleusChannel": nucleus,
+            "Metadata_NucleusChannelSource": (
+                "virtual" if nucleus.endswith(VIRTUAL_SUFFIX) else "measured"
+            ),
         }
         features = pd.concat(
             [pd.DataFrame({k: [v] * len(features) for k, v in meta.items()}), features], axis=1
         )
-        cell_tables.append(features)
+        cell_tables.append(features.reindex(columns=[*meta, *schema(plan)]))
 
-        qc: dict[str, Any] = {
-            k: v for k, v in meta.items() if k not in ("Metadata_NucleusChannelSource",)
-        }
-        qc["Image_Count_Nuclei"] = int(len(np.unique(nuclei)) - (1 if (nuclei == 0).any() else 0))
-        qc["Image_Count_Cells"] = int(len(np.unique(cells)) - (1 if (cells == 0).any() else 0))
+        qc: dict[str, Any] = dict(meta)
+        qc["Image_Count_Nuclei"] = _count(nuclei)
+        qc["Image_Count_Cells"] = _count(cells)
         qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
-        for name in plan.measure_channels:
+        for name in present:
             image = images[name]
             sat = (
                 float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else None
@@ -284,7 +332,7 @@ def process_well(
             on_field(ref)
 
     cells_df = pd.concat(cell_tables, ignore_index=True)
-    qc_df = pd.DataFrame(qc_rows)
+    qc_df = pd.DataFrame(qc_rows).reindex(columns=qc_schema(plan))
     px = plate.pixel_size_um(refs[0])
     file_meta = {
         "flow_run_id": run_id or "",

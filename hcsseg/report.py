@@ -111,9 +111,7 @@ def plate_shape(rows: np.ndarray, cols: np.ndarray, plate_format: PlateFormat) -
     return need
 
 
-def heat_map_png(
-    grid: np.ndarray, present: np.ndarray, *, title: str, dpi: int = 80
-) -> bytes:
+def heat_map_png(grid: np.ndarray, present: np.ndarray, *, title: str, dpi: int = 80) -> bytes:
     """One plate map: colour = value, grey = well with no value (NaN), white = no well."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap

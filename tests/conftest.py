@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# The embedded Prefect server logs its shutdown after pytest has closed the captured
+# streams; keep Prefect's own loggers at WARNING in tests to avoid that noise.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HCSSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 

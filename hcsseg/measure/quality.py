@@ -13,6 +13,19 @@ from skimage.filters import threshold_otsu
 from hcsseg.errors import InputDataError
 
 FOCUS_WINDOW = 20  # CellProfiler's default local-focus window, in pixels
+QUALITY_FEATURES = (
+    "FocusScore",
+    "LocalFocusScore",
+    "PowerLogLogSlope",
+    "PercentMaximal",
+    "PercentMinimal",
+    "MeanIntensity",
+    "MedianIntensity",
+    "StdIntensity",
+    "MADIntensity",
+    "ThresholdOtsu",
+    "BackgroundLevel",
+)
 
 
 def _scaled(image: np.ndarray) -> np.ndarray:
