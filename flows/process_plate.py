@@ -7,7 +7,6 @@ then finalize. Tasks receive paths and keys, never arrays.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pandas as pd
@@ -22,6 +21,8 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.common import artifact_key
+from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.processing import (
@@ -35,12 +36,6 @@ from hcsseg.processing import (
 from hcsseg.report import plate_report
 
 QC_COLUMNS = ("Metadata_Well", "Metadata_FieldCount", "Image_Count_Nuclei", "Image_Count_Cells")
-
-
-def artifact_key(prefix: str, plate_name: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", plate_name.lower()).strip("-") or "plate"
-    return f"{prefix}-{slug}"[:120]
 
 
 @task(name="plan plate", task_run_name="plan {plate_url}")
@@ -88,6 +83,11 @@ def process_plate(
     """
     logger = get_run_logger()
     config = config or ProcessConfig()
+    if config.virtual_stain is not None:
+        vs = virtual_stain_plate(
+            plate_url, config.virtual_stain, output=config.output, wells=config.wells
+        )
+        logger.info("virtual staining with model %s: %s", vs["model_id"], vs["qc"])
     plan = plan_task(plate_url, config)
     logger.info(
         "plate %s: %d wells, %d fields; nuclei from %r, cells from %r; tables in %s",

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from hcsseg.segment.classical import CellOptions, NucleiOptions
+from hcsseg.virtual_stain.plate import VirtualStainConfig
 
 NUCLEUS_NAMES = re.compile(r"dapi|hoechst|h33342|dna|nucle", re.IGNORECASE)
 CELL_NAMES = re.compile(
@@ -36,6 +37,11 @@ class ProcessConfig(BaseModel):
     wells: list[str] | None = Field(None, description="only these wells (e.g. ['B03'])")
     output: str | None = Field(
         None, description="folder for Parquet tables; default: <plate>_tables beside the plate"
+    )
+    virtual_stain: VirtualStainConfig | None = Field(
+        None,
+        description="first learn the nucleus stain from other channels and predict "
+        "<target>_virtual into every field (fields without the stain then use it)",
     )
     nuclei: NucleiOptions = Field(default_factory=NucleiOptions)
     cells: CellOptions = Field(default_factory=CellOptions)

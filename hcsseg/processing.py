@@ -392,9 +392,18 @@ def summarise_wells(image_qc: pd.DataFrame) -> pd.DataFrame:
 
 
 def finalize_plate(plan: PlatePlan, *, run_id: str | None = None) -> pd.DataFrame:
-    """Write the per-well QC summary of the plate from the per-well QC files."""
-    image_qc = read_table(plan.output_root, "image_qc", plan.plate_name)
-    summary = summarise_wells(image_qc)
+    """Write the per-well QC summary of the plate from the per-well QC files.
+
+    Virtual-staining QC (PCC, marker FN/FP on fields with the real stain) joins in as
+    per-well means when that step ran.
+    """
+    summary = summarise_wells(read_table(plan.output_root, "image_qc", plan.plate_name))
+    virtual = read_table(plan.output_root, "virtual_stain_qc", plan.plate_name)
+    scores = [c for c in virtual.columns if c.startswith("Image_VirtualStain_")]
+    if not summary.empty and scores:
+        keys = ["Metadata_Plate", "Metadata_Well"]
+        means = virtual.groupby(keys)[scores].mean().reset_index()
+        summary = summary.merge(means, on=keys, how="left")
     write_parquet(
         summary,
         Path(plan.output_root) / "well_qc" / f"{safe_name(plan.plate_name)}.parquet",

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TableKind = Literal["cells", "image_qc", "markers"]
+TableKind = Literal["cells", "image_qc", "markers", "virtual_stain_qc"]
 
 
 def producer_version() -> str:

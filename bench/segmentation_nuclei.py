@@ -1,0 +1,114 @@
+"""Nucleus segmentation on nuclei-dsb2018: classical baseline vs distance U-Net vs FPN2-WS.
+
+Split: the 140 fields sorted by SHA-1 of their name; the first 100 train, the last 40 test.
+Run from the repository root: `python bench/segmentation_nuclei.py` (about 10 min on one CPU
+thread). Writes bench/results/segmentation_nuclei.json and segmentation.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from seg_common import DATA, environment, hash_order, load_pairs, score, setup, timed, write_result
+
+from hcsseg.segment.classical import NucleiOptions, segment_nuclei
+from hcsseg.segment.distance_unet import (
+    DistanceUNetOptions,
+    segment_distance_unet,
+    train_distance_unet,
+)
+from hcsseg.segment.fpn2ws import FPN2WSOptions, segment_fpn2ws, train_fpn2ws
+from hcsseg.segment.training import TrainOptions
+
+N_TRAIN, N_TEST = 100, 40
+UNET_STEPS, FPN_STEPS = 250, 120
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    area = np.bincount(labels.ravel())[1:]
+    return float(np.sqrt(4 * np.median(area[area > 0]) / np.pi))
+
+
+def main() -> None:
+    setup()
+    data = load_pairs(DATA / "nuclei-dsb2018")
+    order = hash_order(list(data))
+    train, test = order[:N_TRAIN], order[-N_TEST:]
+    assert not set(train) & set(test)
+    truths = [data[s]["lab"] for s in test]
+    methods: dict[str, dict] = {}
+
+    # classical: the fields have no pixel size, so it is run at one fixed scale and at an
+    # oracle scale (median true nucleus diameter mapped to 10 um) to bound what tuning gives
+    for key, pixel_size in [("classical (fixed 0.5 um/px)", None), ("classical (oracle scale)", 0)]:
+        rec: dict = {}
+        with timed(rec, "predict"):
+            preds = []
+            for s in test:
+                ps = 0.5 if pixel_size is None else 10.0 / median_diameter(data[s]["lab"])
+                preds.append(
+                    segment_nuclei(data[s]["img"], pixel_size_um=ps, options=NucleiOptions())
+                )
+        methods[key] = score(preds, truths, test) | rec
+
+    images = [data[s]["img"] for s in train]
+    labels = [data[s]["lab"] for s in train]
+
+    unet = DistanceUNetOptions(
+        decoder_channels=(128, 64, 32, 16, 16),
+        train=TrainOptions(n_steps=UNET_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3),
+    )
+    rec = {}
+    with timed(rec, "train"):
+        state, hist = train_distance_unet(images, labels, options=unet)
+    with timed(rec, "predict"):
+        preds = [segment_distance_unet(state, data[s]["img"], options=unet) for s in test]
+    methods["distance U-Net (resnet18, random init)"] = (
+        score(preds, truths, test)
+        | rec
+        | {
+            "steps": hist["steps"],
+            "final_loss": round(float(np.mean(hist["loss"][-20:])), 4),
+            "note": f"{UNET_STEPS} steps x 8 crops of 128 px, α = {unet.foreground_weight}",
+        }
+    )
+
+    fpn = FPN2WSOptions(
+        train=TrainOptions(n_steps=FPN_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3)
+    )
+    rec = {}
+    with timed(rec, "train"):
+        state, hist = train_fpn2ws(images, labels, options=fpn)
+    with timed(rec, "predict"):
+        preds = [segment_fpn2ws(state, data[s]["img"], options=fpn) for s in test]
+    methods["FPN2-WS (2 x FPN resnet18, random init)"] = (
+        score(preds, truths, test)
+        | rec
+        | {
+            "steps": hist["steps"],
+            "final_loss": round(float(np.mean(hist["loss"][-20:])), 4),
+            "note": f"{FPN_STEPS} steps x 8 crops of 128 px",
+        }
+    )
+
+    best = max(methods, key=lambda k: methods[k]["ap50_image_mean"])
+    write_result(
+        "segmentation_nuclei",
+        {
+            "setup": (
+                f"{N_TRAIN} training / {N_TEST} test fields of nuclei-dsb2018 (split by SHA-1 "
+                "of the name). Learned models start from random weights (no ImageNet weights "
+                "offline) and train on CPU; AP = TP/(TP+FP+FN)."
+            ),
+            "train": train,
+            "test": test,
+            "environment": environment(),
+            "methods": methods,
+            "findings": [f"Best AP@0.5 on the test fields: {best}."],
+        },
+    )
+    for k, v in methods.items():
+        print(f"{k}: AP50 {v['ap50_image_mean']:.3f}  mAP {v['ap_mean_image_mean']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Nucleus markers: detection on real or virtual nucleus images, and their QC."""

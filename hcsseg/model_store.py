@@ -1,0 +1,136 @@
+"""A folder of trained models, each with its weights and a model card.
+
+    <store>/<model_id>/weights.safetensors
+    <store>/<model_id>/model_card.json     kind, channels, normalisation, architecture,
+                                           training/validation fields, metrics, provenance
+
+A model is written under a temporary name and renamed into place, so a crash never leaves
+half a model that a later run would pick up. Weights are safetensors: loading them runs no
+code, unlike pickled checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hcsseg.errors import ModelError
+
+WEIGHTS = "weights.safetensors"
+CARD = "model_card.json"
+
+
+def _code_version() -> str:
+    try:
+        return version("hcsseg")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def save_model(
+    store: str | Path, kind: str, state_dict: dict[str, torch.Tensor], card: dict[str, Any]
+) -> str:
+    """Store weights + card; returns the new model id (``<kind>-<utc time>-<hash>``)."""
+    root = Path(store)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].numpy().tobytes())
+    now = dt.datetime.now(dt.UTC)
+    model_id = f"{kind}-{now:%Y%m%dT%H%M%S}-{digest.hexdigest()[:8]}"
+    full_card = {
+        "model_id": model_id,
+        "kind": kind,
+        "created": now.isoformat(),
+        "code_version": _code_version(),
+        "torch_version": torch.__version__,
+        **card,
+    }
+    tmp = root / f".tmp-{model_id}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / CARD).write_text(json.dumps(full_card, indent=2, default=str))
+        final = root / model_id
+        if final.exists():  # same weights saved twice in one second: keep the first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_id
+
+
+def model_dir(store: str | Path, model: str) -> Path:
+    """A model id in `store`, or a path to a model folder."""
+    path = Path(model)
+    if not (path / CARD).exists():
+        path = Path(store) / model
+    if not (path / CARD).exists():
+        known = ", ".join(m["model_id"] for m in list_models(store)) or "none"
+        raise ModelError(f"no model {model!r} in model store {store} (models: {known})")
+    return path
+
+
+def load_card(store: str | Path, model: str) -> dict[str, Any]:
+    path = model_dir(store, model) / CARD
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"model card {path} is not valid JSON: {exc}") from exc
+
+
+def load_model(store: str | Path, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and card of a stored model; a damaged weights file is a clear ModelError."""
+    folder = model_dir(store, model)
+    card = load_card(store, model)
+    try:
+        state = load_file(str(folder / WEIGHTS), device="cpu")
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ModelError(f"weights file {folder / WEIGHTS} cannot be loaded: {exc}") from exc
+    return state, card
+
+
+def list_models(store: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Cards of all complete models, oldest first."""
+    root = Path(store)
+    cards = []
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".") or not (folder / CARD).exists():
+                continue
+            try:
+                card = json.loads((folder / CARD).read_text())
+            except ValueError:
+                continue
+            if kind is None or card.get("kind") == kind:
+                cards.append(card)
+    return sorted(cards, key=lambda c: c.get("created", ""))
+
+
+def latest_model(store: str | Path, kind: str, *, plate: str | None = None) -> str | None:
+    cards = [c for c in list_models(store, kind) if plate is None or c.get("plate") == plate]
+    return cards[-1]["model_id"] if cards else None
+
+
+def check_card_channels(card: dict[str, Any], available: list[str], *, where: str) -> None:
+    """A model only applies where its source channels exist under the same names."""
+    needed = list(card.get("source_channels", []))
+    missing = [c for c in needed if c not in available]
+    if missing:
+        raise ModelError(
+            f"model {card.get('model_id')} was trained on channels {needed}, but {where} "
+            f"lacks {missing}; available channels: {available}"
+        )

@@ -1,0 +1,1 @@
+"""Per-plate virtual nucleus staining (in-silico labelling)."""

@@ -1,0 +1,206 @@
+"""Per-plate virtual nucleus staining: source channel(s) -> nucleus stain (U-Net, L1).
+
+Following Bonte et al. 2024 (in-silico labelling), a segmentation-models-pytorch U-Net
+regresses the nucleus stain from label-free or membrane channels, trained on the fields
+of the same plate where both exist. Inputs and target are percentile-normalised per
+field, so exposure drift between wells does not leak into the model. Training and
+validation are split by field, never by pixel, so the validation loss measures the model
+on fields it has not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment.training import (
+    CropSampler,
+    TrainOptions,
+    build_smp_model,
+    fit,
+    normalize_percentile,
+    predict_dense,
+    seed_everything,
+    select_device,
+    split_train_val,
+    transfer_weights,
+)
+
+KIND = "virtual_stain"
+
+
+def _default_training() -> TrainOptions:
+    return TrainOptions(
+        n_steps=600,
+        batch_size=8,
+        crop_size=128,
+        learning_rate=2e-3,
+        val_fraction=0.2,
+        val_every=50,
+        patience=4,
+        val_crops=16,
+    )
+
+
+class VirtualStainOptions(BaseModel):
+    """What to learn and how; the defaults train a small CPU-friendly model in minutes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_channels: list[str] = Field(
+        ..., min_length=1, description="input channels, e.g. phase z-planes or a membrane stain"
+    )
+    target_channel: str = Field("DAPI", description="nucleus stain to predict")
+    encoder_name: str = Field(
+        "resnet18", description="smp encoder; densenet121 as in Bonte et al. 2024 on a GPU"
+    )
+    decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16, 8])
+    training: TrainOptions = Field(default_factory=_default_training)
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    tile: int = Field(512, description="prediction tile size (multiple of 32)")
+    overlap: int = Field(64, description="prediction tile overlap, blended")
+
+
+@dataclass
+class VirtualStainModel:
+    """A trained model and the facts a model card needs to reproduce its inputs."""
+
+    network: torch.nn.Module
+    options: VirtualStainOptions
+    history: dict[str, Any]
+    train_keys: list[str]
+    val_keys: list[str]
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "source_channels": self.options.source_channels,
+            "target_channel": self.options.target_channel,
+            "normalisation": {
+                "method": "per-field percentile",
+                "percentiles": list(self.options.percentiles),
+            },
+            "architecture": {
+                "arch": "unet",
+                "encoder_name": self.options.encoder_name,
+                "decoder_channels": self.options.decoder_channels,
+                "in_channels": len(self.options.source_channels),
+                "classes": 1,
+            },
+            "options": self.options.model_dump(mode="json"),
+            "training_fields": self.train_keys,
+            "validation_fields": self.val_keys,
+            "history": {k: v for k, v in self.history.items() if k != "loss"},
+            "final_train_loss": float(np.mean(self.history["loss"][-20:])),
+        }
+
+
+def build_network(options: VirtualStainOptions) -> torch.nn.Module:
+    return build_smp_model(
+        "unet",
+        encoder_name=options.encoder_name,
+        in_channels=len(options.source_channels),
+        classes=1,
+        decoder_channels=options.decoder_channels,
+    )
+
+
+def network_from_state(state: dict[str, torch.Tensor], card: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild a stored model from its card; refuses weights that do not fit the card."""
+    try:
+        options = VirtualStainOptions.model_validate(card["options"])
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"model card {card.get('model_id')} has no usable options: {exc}") from exc
+    net = build_network(options)
+    transfer_weights(net, state, prefixes=("",), what=f"model {card.get('model_id')}")
+    return net.eval()
+
+
+def _split_single_field(
+    source: np.ndarray, target: np.ndarray, fraction: float
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """One field only: its right-hand strip is validation, so val pixels stay unseen."""
+    cut = int(source.shape[-1] * (1 - max(fraction, 0.2)))
+    return (source[..., :cut], target[..., :cut]), (source[..., cut:], target[..., cut:])
+
+
+def train_virtual_stain(
+    sources: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    keys: Sequence[str],
+    *,
+    options: VirtualStainOptions,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> VirtualStainModel:
+    """Fit source (C, Y, X) -> target (Y, X) over fields; `init_state` fine-tunes a model."""
+    if not sources:
+        raise InputDataError(
+            f"no field holds both the source channels {options.source_channels} and the "
+            f"target {options.target_channel!r}: nothing to learn from"
+        )
+    if not len(sources) == len(targets) == len(keys):
+        raise InputDataError("sources, targets and keys must have the same length")
+    lo, hi = options.percentiles
+    xs = [
+        normalize_percentile(s, lo, hi, name=f"field {k} source")
+        for s, k in zip(sources, keys, strict=True)
+    ]
+    ys = [
+        normalize_percentile(t, lo, hi, name=f"field {k} target")
+        for t, k in zip(targets, keys, strict=True)
+    ]
+    for x, k in zip(xs, keys, strict=True):
+        if x.shape[0] != len(options.source_channels):
+            raise InputDataError(
+                f"field {k}: {x.shape[0]} source channels, expected {options.source_channels}"
+            )
+    train_opts = options.training
+    rng = seed_everything(train_opts.seed)
+    if len(xs) == 1:
+        (tx, ty), (vx, vy) = _split_single_field(xs[0], ys[0], train_opts.val_fraction)
+        train_x, train_y, val_x, val_y = [tx], [ty], [vx], [vy]
+        train_keys, val_keys = [f"{keys[0]}[train strip]"], [f"{keys[0]}[validation strip]"]
+    else:
+        tr, va = split_train_val(len(xs), max(train_opts.val_fraction, 1 / len(xs)), rng)
+        train_x, train_y = [xs[i] for i in tr], [ys[i] for i in tr]
+        val_x, val_y = [xs[i] for i in va], [ys[i] for i in va]
+        train_keys, val_keys = [keys[i] for i in tr], [keys[i] for i in va]
+    net = build_network(options)
+    if init_state is not None:
+        transfer_weights(net, init_state, prefixes=("",), what="the initial model")
+    sampler = CropSampler(train_x, train_y, train_opts.crop_size, rng)
+    val_sampler = CropSampler(val_x, val_y, train_opts.crop_size, np.random.default_rng(1))
+    history = fit(net, torch.nn.functional.l1_loss, sampler, train_opts, val_sampler=val_sampler)
+    return VirtualStainModel(net, options, history, train_keys, val_keys)
+
+
+def predict_virtual_stain(
+    network: torch.nn.Module, source: np.ndarray, options: VirtualStainOptions
+) -> np.ndarray:
+    """Virtual nucleus image (Y, X) in normalised target units (≈0 background, ≈1 bright)."""
+    lo, hi = options.percentiles
+    x = normalize_percentile(source, lo, hi, name="source")
+    device = select_device(options.training.device)
+    out = predict_dense(
+        network,
+        x,
+        device=device,
+        tile=options.tile,
+        overlap=options.overlap,
+        amp=options.training.amp,
+    )
+    return out[0]
+
+
+def to_storage(prediction: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Normalised units -> the plate's dtype: 1.0 maps to 80% of an integer range."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        top = 0.8 * np.iinfo(dtype).max
+        return np.clip(np.rint(prediction * top), 0, np.iinfo(dtype).max).astype(dtype)
+    return prediction.astype(dtype)
