@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from hcsseg.errors import ChannelNotFoundError, InputDataError
+from hcsseg.errors import ChannelNotFoundError, InputDataError, ModelError
 from hcsseg.export.tables import write_well_table
 from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import marker_qc
-from hcsseg.model_store import check_card_channels, load_model, save_model
+from hcsseg.model_store import check_card_channels, load_card, load_model, save_model
 from hcsseg.virtual_stain.model import (
     KIND,
     VirtualStainOptions,
@@ -94,6 +94,14 @@ def plan_virtual_stain(
     plate = open_plate(plate_url)
     wells = wells or plate.wells()
     sources, target = config.model.source_channels, config.model.target_channel
+    if config.model_id or config.fine_tune_from:
+        model = config.model_id or config.fine_tune_from
+        card = load_card(config.store(str(plate_url)), str(model))
+        if card.get("source_channels") != sources or card.get("target_channel") != target:
+            raise ModelError(
+                f"model {model} maps {card.get('source_channels')} -> "
+                f"{card.get('target_channel')!r}, but this run asks for {sources} -> {target!r}"
+            )
     with_target = []
     for ref in plate.iter_fields(wells):
         names = plate.channel_names(ref)
