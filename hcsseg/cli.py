@@ -173,6 +173,10 @@ def process(
     config: Annotated[
         Path | None, typer.Option(help="JSON file with all options (see docs/config)")
     ] = None,
+    virtual_source: Annotated[
+        list[str] | None,
+        typer.Option(help="learn the nucleus channel from these channels first (virtual stain)"),
+    ] = None,
     workers: Annotated[int, typer.Option(help="wells processed in parallel")] = 2,
     force: Annotated[bool, typer.Option(help="redo wells an earlier run already finished")] = False,
 ) -> None:
@@ -192,6 +196,10 @@ def process(
                 "output": output,
             },
         )
+        if virtual_source:
+            cfg.virtual_stain = _virtual_config(
+                virtual_source, cfg.nucleus_channel or "DAPI", None, None, "resnet18", None
+            )
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.process_plate import process_plate
@@ -205,6 +213,81 @@ def process(
         f"{result['skipped']} already done, {result['cells']} cells in total; "
         f"tables in {result['output']}"
     )
+
+
+def _virtual_config(
+    sources: list[str],
+    target: str,
+    model_id: str | None,
+    steps: int | None,
+    encoder: str,
+    store: str | None,
+) -> Any:
+    from hcsseg.virtual_stain.model import VirtualStainOptions
+    from hcsseg.virtual_stain.plate import VirtualStainConfig
+
+    model = VirtualStainOptions(
+        source_channels=sources, target_channel=target, encoder_name=encoder
+    )
+    if steps is not None:
+        model.training.n_steps = steps
+    return VirtualStainConfig(model=model, model_id=model_id, model_store=store)
+
+
+@app.command("virtual-stain")
+def virtual_stain_cmd(
+    plate_url: Annotated[str, typer.Argument(help="plate path")],
+    source: Annotated[
+        list[str], typer.Option(help="input channel(s): bright field, phase, DIC or membrane")
+    ],
+    target: Annotated[str, typer.Option(help="nucleus stain to learn and predict")] = "DAPI",
+    model_id: Annotated[
+        str | None, typer.Option(help="use this stored model instead of training")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default 600)")] = None,
+    encoder: Annotated[str, typer.Option(help="U-Net encoder (resnet18, densenet121, ...)")] = (
+        "resnet18"
+    ),
+    model_store: Annotated[
+        str | None, typer.Option(help="model folder (default: <plate>_models)")
+    ] = None,
+) -> None:
+    """Learn the nucleus stain from other channels and write <target>_virtual into every field.
+
+    Trains on the fields that have the real stain (validation split by field), stores the
+    model with a model card, predicts every field, writes markers and QC (PCC, marker
+    FN/FP within 15 µm on fields that have the real stain).
+    """
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
+    try:
+        cfg = _virtual_config(source, target, model_id, steps, encoder, model_store)
+        from flows.virtual_stain import virtual_stain_plate
+
+        result = virtual_stain_plate(plate_url, cfg)
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(
+        f"model {result['model_id']}; wrote {cfg.virtual_channel} in {result['wells']} wells"
+    )
+    for row in result["qc"]:
+        typer.echo(
+            f"  {row['fields']:>10} fields (n={row['n']}): PCC {row['pcc']:.3f}, "
+            f"marker FN {row['marker_fn_rate']:.3f}, FP {row['marker_fp_rate']:.3f}"
+        )
+
+
+@app.command()
+def models(
+    store: Annotated[Path, typer.Argument(help="model store folder, e.g. plate_models")],
+) -> None:
+    """List stored models with their channels and validation scores."""
+    from hcsseg.model_store import list_models
+
+    for card in list_models(store):
+        typer.echo(
+            f"{card['model_id']}: {card.get('source_channels')} -> {card.get('target_channel')}"
+            f", plate {card.get('plate')}, val loss {card.get('history', {}).get('best_val_loss')}"
+        )
 
 
 @app.command()
@@ -265,7 +348,7 @@ def demo(
     except HcssegError as exc:
         _fail(exc)
     typer.echo(f"demo plate {plate.name} at {plate_path}")
-    process(str(plate_path), None, None, None, None, None, 2, False)
+    process(str(plate_path), None, None, None, None, None, None, 2, False)
 
 
 def run() -> None:  # pragma: no cover - console entry point
