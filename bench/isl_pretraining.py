@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from seg_common import DATA, environment, hash_order, load_pairs, score, setup, timed, write_result
 
 from hcsseg.segment.distance_unet import (
@@ -22,39 +21,32 @@ from hcsseg.segment.distance_unet import (
     segment_distance_unet,
     train_distance_unet,
 )
-from hcsseg.segment.training import (
-    CropSampler,
-    TrainOptions,
-    build_smp_model,
-    fit,
-    normalize_percentile,
-    seed_everything,
-)
+from hcsseg.segment.training import TrainOptions
+from hcsseg.virtual_stain.model import VirtualStainOptions, train_virtual_stain
 
-DECODER = (128, 64, 32, 16, 16)
-ENCODER = "resnet18"
 VS_STEPS, SEG_STEPS = 150, 200
 TRAIN_OPTS = TrainOptions(n_steps=SEG_STEPS, batch_size=4, crop_size=128, learning_rate=2e-3)
+SEG_OPTS = DistanceUNetOptions(train=TRAIN_OPTS)  # resnet18, decoder as virtual staining's
 
 
 def pretrain_virtual_staining(
-    surfaces: list[np.ndarray], dapis: list[np.ndarray]
+    surfaces: list[np.ndarray], dapis: list[np.ndarray], keys: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """U-Net (same encoder/decoder as the segmentation model, one output) regressing the
-    normalised DAPI image from the normalised surface stain."""
-    rng = seed_everything(0)
-    model = build_smp_model(
-        "unet", encoder_name=ENCODER, in_channels=1, classes=1, decoder_channels=DECODER
+    """The plate's virtual-staining model (hcsseg.virtual_stain, L1 loss, its own validation
+    split) trained to predict DAPI from the surface stain, with the segmentation model's
+    encoder and decoder."""
+    opts = VirtualStainOptions(
+        source_channels=["surface"],
+        target_channel="DAPI",
+        encoder_name=SEG_OPTS.encoder_name,
+        decoder_channels=list(SEG_OPTS.decoder_channels),
+        training=TRAIN_OPTS.model_copy(
+            update={"n_steps": VS_STEPS, "val_fraction": 0.2, "val_every": 50, "val_crops": 8}
+        ),
     )
-    sampler = CropSampler(
-        [normalize_percentile(s) for s in surfaces],
-        [normalize_percentile(d) for d in dapis],
-        128,
-        rng,
-    )
-    opts = TRAIN_OPTS.model_copy(update={"n_steps": VS_STEPS})
-    hist = fit(model, F.mse_loss, sampler, opts)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, hist
+    model = train_virtual_stain([s[None] for s in surfaces], dapis, keys, options=opts)
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    return state, model.history
 
 
 def main() -> None:
@@ -63,7 +55,7 @@ def main() -> None:
     order = hash_order(list(data))
     test = order[-2:]
     truths = [data[s]["lab"] for s in test]
-    opts = DistanceUNetOptions(encoder_name=ENCODER, decoder_channels=DECODER, train=TRAIN_OPTS)
+    opts = SEG_OPTS
     methods: dict[str, dict] = {}
     for n in (1, 5):
         train = order[:n]
@@ -71,7 +63,9 @@ def main() -> None:
         labels = [data[s]["lab"] for s in train]
         vs_rec: dict = {}
         with timed(vs_rec, "pretrain"):
-            vs_state, vs_hist = pretrain_virtual_staining(images, [data[s]["dapi"] for s in train])
+            vs_state, vs_hist = pretrain_virtual_staining(
+                images, [data[s]["dapi"] for s in train], train
+            )
         vs_loss = [round(float(np.mean(vs_hist["loss"][i : i + 10])), 4) for i in (0, -10)]
         for init in ("random", "virtual staining"):
             rec: dict = {}
@@ -98,7 +92,8 @@ def main() -> None:
                         round(float(np.mean(loss[-10:])), 4),
                     ],
                     "note": (
-                        f"VS pretraining {VS_STEPS} steps, MSE {vs_loss[0]} -> {vs_loss[1]}; "
+                        f"VS pretraining {vs_hist['steps']} steps, L1 {vs_loss[0]} -> "
+                        f"{vs_loss[1]}; "
                         "CPU s include it"
                         if init != "random"
                         else f"{SEG_STEPS} steps x 4 crops of 128 px"
@@ -116,9 +111,11 @@ def main() -> None:
         {
             "setup": (
                 "dense-cells, cell segmentation from the surface stain only (distance U-Net, "
-                f"{ENCODER}, decoder {list(DECODER)}), {SEG_STEPS} steps; test fields "
+                f"{opts.encoder_name}, decoder {list(opts.decoder_channels)}), {SEG_STEPS} "
+                "steps; test fields "
                 f"{', '.join(test)}. Virtual-staining pretraining: surface stain -> DAPI on "
-                f"the same training fields, {VS_STEPS} steps, encoder and decoder transferred."
+                f"the same training fields (hcsseg.virtual_stain, up to {VS_STEPS} steps with "
+                "early stopping), encoder and decoder transferred."
             ),
             "test": test,
             "environment": environment(),

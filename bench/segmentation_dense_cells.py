@@ -73,7 +73,6 @@ def main() -> None:
     stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
 
     unet = DistanceUNetOptions(
-        decoder_channels=(128, 64, 32, 16, 16),
         train=TrainOptions(n_steps=UNET_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3),
     )
     rec = {}

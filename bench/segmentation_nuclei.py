@@ -54,7 +54,6 @@ def main() -> None:
     labels = [data[s]["lab"] for s in train]
 
     unet = DistanceUNetOptions(
-        decoder_channels=(128, 64, 32, 16, 16),
         train=TrainOptions(n_steps=UNET_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3),
     )
     rec = {}

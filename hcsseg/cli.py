@@ -173,6 +173,12 @@ def process(
     config: Annotated[
         Path | None, typer.Option(help="JSON file with all options (see docs/config)")
     ] = None,
+    nuclei_method: Annotated[
+        str, typer.Option(help="classical, distance_unet, fpn2ws or cellpose")
+    ] = "classical",
+    cells_method: Annotated[
+        str, typer.Option(help="classical, distance_unet, unsupervised or cellpose")
+    ] = "classical",
     virtual_source: Annotated[
         list[str] | None,
         typer.Option(help="learn the nucleus channel from these channels first (virtual stain)"),
@@ -194,6 +200,8 @@ def process(
                 "cell_channel": cell_channel,
                 "wells": well or None,
                 "output": output,
+                "nuclei_method": nuclei_method,
+                "cells_method": cells_method,
             },
         )
         if virtual_source:
@@ -277,6 +285,54 @@ def virtual_stain_cmd(
 
 
 @app.command()
+def train(
+    plate_url: Annotated[str, typer.Argument(help="plate path")],
+    channel: Annotated[list[str], typer.Option(help="channel(s) the model sees")],
+    compartment: Annotated[str, typer.Option(help="nuclei or cells")] = "nuclei",
+    method: Annotated[
+        str, typer.Option(help="distance_unet, fpn2ws, unsupervised (cells) or cellpose")
+    ] = "distance_unet",
+    truth: Annotated[
+        str | None,
+        typer.Option(
+            help="ground-truth labels in the plate, e.g. cells_gt (default: pseudo-labels)"
+        ),
+    ] = None,
+    nucleus_channel: Annotated[
+        str | None, typer.Option(help="nucleus stain for pseudo-labels and markers")
+    ] = None,
+    init: Annotated[str, typer.Option(help="random, imagenet or virtual_stain")] = "random",
+    steps: Annotated[int | None, typer.Option(help="training steps")] = None,
+    model_store: Annotated[str | None, typer.Option(help="model folder")] = None,
+) -> None:
+    """Train a segmentation model on this plate's ground truth, pseudo-labels or markers."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
+    try:
+        from hcsseg.model_training import TrainConfig
+
+        options: dict[str, Any] = {}
+        if steps is not None:
+            options = (
+                {"n_steps": steps} if method == "unsupervised" else {"train": {"n_steps": steps}}
+            )
+        cfg = TrainConfig(
+            compartment=compartment,  # type: ignore[arg-type]
+            method=method,  # type: ignore[arg-type]
+            input_channels=channel,
+            truth=truth,
+            nucleus_channel=nucleus_channel,
+            init=init,  # type: ignore[arg-type]
+            options=options,
+        )
+        from flows.train_plate import train_plate
+
+        result = train_plate(plate_url, cfg, model_store)
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"stored model {result['model_id']} in {result['model_store']}")
+
+
+@app.command()
 def models(
     store: Annotated[Path, typer.Argument(help="model store folder, e.g. plate_models")],
 ) -> None:
@@ -348,7 +404,7 @@ def demo(
     except HcssegError as exc:
         _fail(exc)
     typer.echo(f"demo plate {plate.name} at {plate_path}")
-    process(str(plate_path), None, None, None, None, None, None, 2, False)
+    process(str(plate_path), None, None, None, None, None, "classical", "classical", None, 2, False)
 
 
 def run() -> None:  # pragma: no cover - console entry point

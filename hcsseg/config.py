@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,8 +44,29 @@ class ProcessConfig(BaseModel):
         description="first learn the nucleus stain from other channels and predict "
         "<target>_virtual into every field (fields without the stain then use it)",
     )
+    nuclei_method: Literal["classical", "distance_unet", "fpn2ws", "cellpose"] = Field(
+        "classical", description="how nuclei are found; model methods need `hcsseg train` first"
+    )
+    cells_method: Literal["classical", "distance_unet", "unsupervised", "cellpose"] = Field(
+        "classical", description="how cells are found; unsupervised grows cells from nuclei"
+    )
+    nuclei_model: str | None = Field(
+        None, description="stored model id for nuclei; default: the latest for this plate"
+    )
+    cells_model: str | None = Field(
+        None, description="stored model id for cells; default: the latest for this plate"
+    )
+    model_store: str | None = Field(
+        None, description="folder of trained models; default: <plate>_models beside the plate"
+    )
     nuclei: NucleiOptions = Field(default_factory=NucleiOptions)
     cells: CellOptions = Field(default_factory=CellOptions)
+
+    def store(self, plate_url: str) -> Path:
+        if self.model_store:
+            return Path(self.model_store)
+        path = Path(plate_url.rstrip("/"))
+        return path.with_name(f"{path.stem}_models")
 
     def output_root(self, plate_url: str) -> Path:
         if self.output:

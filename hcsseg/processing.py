@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 
 from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
-from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError
+from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.measure.features import channel_token, feature_columns, measure_objects
 from hcsseg.measure.quality import QUALITY_FEATURES, image_quality, quality_columns
-from hcsseg.segment.classical import segment_cells, segment_nuclei
+from hcsseg.model_store import check_card_channels, latest_model, load_model
+from hcsseg.segment.methods import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class PlatePlan:
     output_root: str
     n_fields: int
     config_hash: str
+    nuclei_model: str | None = None
+    cells_model: str | None = None
+    model_store: str | None = None
 
 
 @dataclass
@@ -136,6 +140,13 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     tokens = [channel_token(c) for c in measure]
     if len(set(tokens)) != len(tokens):
         raise HcssegError(f"channels {measure} map to clashing feature tokens {tokens}")
+    store = config.store(str(plate_url))
+    nuclei_model = _resolve_model(
+        store, "nuclei", config.nuclei_method, config.nuclei_model, plate.name, everywhere
+    )
+    cells_model = _resolve_model(
+        store, "cells", config.cells_method, config.cells_model, plate.name, everywhere
+    )
     return PlatePlan(
         plate_url=str(plate_url),
         plate_name=plate.name,
@@ -146,7 +157,35 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         output_root=str(config.output_root(str(plate_url))),
         n_fields=len(per_field),
         config_hash=config_hash(config),
+        nuclei_model=nuclei_model,
+        cells_model=cells_model,
+        model_store=str(store),
     )
+
+
+def _resolve_model(
+    store: Path, compartment: str, method: str, model: str | None, plate: str, channels: list[str]
+) -> str | None:
+    """The stored model a method uses; its input channels must exist in every field."""
+    if method == "classical":
+        return None
+    model = model or latest_model(store, f"{compartment}-{method}", plate=plate)
+    if model is None:
+        if method == "cellpose":
+            return None  # built-in Cellpose weights (downloaded by Cellpose when online)
+        raise ModelError(
+            f"{compartment}_method={method!r} needs a trained model, and the model store "
+            f"{store} has none for plate {plate}: run `hcsseg train` first or pass "
+            f"{compartment}_model"
+        )
+    _, card = load_model(store, model)  # a damaged file fails here, before any write
+    if card.get("method") != method or card.get("compartment") != compartment:
+        raise ModelError(
+            f"model {model} is a {card.get('compartment')} {card.get('method')} model, "
+            f"not {compartment} {method}"
+        )
+    check_card_channels(card, channels, where=f"plate {plate}")
+    return model
 
 
 def config_hash(config: ProcessConfig) -> str:
@@ -254,13 +293,22 @@ def qc_schema(plan: PlatePlan) -> list[str]:
     ]
 
 
-def segment_field(
-    image: np.ndarray, cell_image: np.ndarray | None, *, pixel_size_um: float, config: ProcessConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei then cells of one field (pure)."""
-    nuclei = segment_nuclei(image, pixel_size_um=pixel_size_um, options=config.nuclei)
-    cells = segment_cells(nuclei, cell_image, pixel_size_um=pixel_size_um, options=config.cells)
-    return nuclei, cells
+def _segmenter(plan: PlatePlan, compartment: str, config: ProcessConfig) -> Segmenter:
+    method = config.nuclei_method if compartment == "nuclei" else config.cells_method
+    model = plan.nuclei_model if compartment == "nuclei" else plan.cells_model
+    if model is None:
+        card = {"weights": "nuclei" if compartment == "nuclei" else "cyto"}
+        return Segmenter(method, card=card, nuclei_options=config.nuclei, cell_options=config.cells)
+    state, card = load_model(plan.model_store or "", model)
+    return Segmenter(method, state=state, card=card)
+
+
+def _inputs(
+    segmenter: Segmenter, plate: Plate, ref: FieldRef, fallback: np.ndarray | None
+) -> np.ndarray | None:
+    """The image a segmenter reads: its model's input channels, else the fallback image."""
+    names = (segmenter.card or {}).get("input_channels")
+    return plate.read_channels(ref, names) if names else fallback
 
 
 def process_well(
@@ -277,6 +325,8 @@ def process_well(
     cell_tables: list[pd.DataFrame] = []
     qc_rows: list[dict[str, Any]] = []
     tokens = {c: channel_token(c) for c in plan.measure_channels}
+    nuclei_seg = _segmenter(plan, "nuclei", config)
+    cells_seg = _segmenter(plan, "cells", config)
     for ref in refs:
         remove_stale_temporaries(plate, ref)
         names = plate.channel_names(ref)
@@ -289,13 +339,20 @@ def process_well(
         for name, image in images.items():
             _check_finite(image, plate, ref, name)
         px = plate.pixel_size_um(ref)
-        nuclei, cells = segment_field(
-            images[nucleus],
-            images[plan.cell_channel] if plan.cell_channel else None,
-            pixel_size_um=px,
-            config=config,
+        nuclei = nuclei_seg.nuclei(
+            _inputs(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=px
         )
-        provenance = {"nucleus_channel": nucleus, "method": "classical"}
+        cell_image = images[plan.cell_channel] if plan.cell_channel else None
+        cells = cells_seg.cells(
+            nuclei, _inputs(cells_seg, plate, ref, cell_image), pixel_size_um=px
+        )
+        provenance = {
+            "nucleus_channel": nucleus,
+            "nuclei_method": config.nuclei_method,
+            "nuclei_model": plan.nuclei_model,
+            "cells_method": config.cells_method,
+            "cells_model": plan.cells_model,
+        }
         write_labels(plate, ref, "nuclei", nuclei, properties=provenance)
         write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
 

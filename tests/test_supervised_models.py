@@ -10,7 +10,7 @@ import tifffile
 import torch
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment import training
+from hcsseg.segment import distance_unet, training
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     normalized_distance,
@@ -19,6 +19,7 @@ from hcsseg.segment.distance_unet import (
 )
 from hcsseg.segment.fpn2ws import FPN2WSOptions, border_map, segment_fpn2ws, train_fpn2ws
 from hcsseg.segment.training import TrainOptions, transfer_weights, validate_labels
+from hcsseg.virtual_stain.model import VirtualStainOptions, build_network
 from tests.conftest import dataset
 
 SMALL_DECODER = (64, 32, 16, 16, 8)
@@ -172,8 +173,11 @@ def _vs_unet(encoder: str = "resnet18", in_channels: int = 1) -> torch.nn.Module
 
 
 def test_isl_initialisation_copies_encoder_and_decoder(dsb_pairs: list) -> None:
-    vs = _vs_unet().state_dict()
-    model = training.build_smp_model("unet", encoder_name="resnet18", in_channels=1, classes=2)
+    """A default virtual-staining network (hcsseg.virtual_stain) initialises a default
+    distance U-Net: same encoder and decoder, only the output head differs."""
+    torch.manual_seed(3)
+    vs = build_network(VirtualStainOptions(source_channels=["phase"])).state_dict()
+    model = distance_unet.build_model(1, DistanceUNetOptions())
     keys = transfer_weights(model, vs, prefixes=("encoder.", "decoder."), what="vs")
     assert any(k.startswith("decoder.") for k in keys)
     got = model.state_dict()

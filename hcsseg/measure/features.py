@@ -202,12 +202,13 @@ def measure_objects(
     *,
     pixel_size_um: float | None = None,
 ) -> pd.DataFrame:
-    """One row per nucleus id: shape, location and per-channel intensity features.
+    """One row per object id: shape, location and per-channel intensity features.
 
     `channels` maps feature tokens (no underscores, see `channel_token`) to 2-D images.
     Cells share their nucleus's id (``Metadata_Cells_Parent_Nuclei``); cytoplasm is the
-    cell minus its nucleus. `pixel_size_um` is accepted for symmetry with the callers and
-    recorded by them in the file metadata: features stay in pixels.
+    cell minus its nucleus; a cell without a nucleus has parent 0 and NaN nucleus features.
+    `pixel_size_um` is accepted for symmetry with the callers and recorded by them in the
+    file metadata: features stay in pixels.
     """
     del pixel_size_um
     nuclei = _check_labels(nuclei, "nuclei", None)
@@ -220,15 +221,25 @@ def measure_objects(
             raise InputDataError(
                 f"channel {token} has shape {image.shape}, labels have {nuclei.shape}"
             )
-    ids = np.unique(nuclei)
-    ids = ids[ids > 0].astype(np.int64)
-    columns: dict[str, np.ndarray] = {"Metadata_ObjectNumber": ids}
+    nucleus_ids = np.unique(nuclei)
+    nucleus_ids = nucleus_ids[nucleus_ids > 0].astype(np.int64)
+    ids = nucleus_ids
     compartments: list[tuple[str, np.ndarray]] = [("Nuclei", nuclei)]
     if cells is not None:
-        columns["Metadata_Cells_Parent_Nuclei"] = ids
-        columns["Metadata_Cytoplasm_Parent_Cells"] = ids
+        # Cells found by a model may hold no detected nucleus: they keep their own id
+        # (above every nucleus id) and get parent 0, as CellProfiler marks orphans.
+        cell_ids = np.unique(cells)
+        ids = np.union1d(nucleus_ids, cell_ids[cell_ids > 0].astype(np.int64))
+        parent = np.where(np.isin(ids, nucleus_ids), ids, 0)
         cytoplasm = np.where(nuclei > 0, 0, cells).astype(cells.dtype)
         compartments += [("Cells", cells), ("Cytoplasm", cytoplasm)]
+        columns: dict[str, np.ndarray] = {
+            "Metadata_ObjectNumber": ids,
+            "Metadata_Cells_Parent_Nuclei": parent,
+            "Metadata_Cytoplasm_Parent_Cells": ids,
+        }
+    else:
+        columns = {"Metadata_ObjectNumber": ids}
     for compartment, labels in compartments:
         columns.update(_shape_features(labels, ids, compartment))
         for token, image in channels.items():

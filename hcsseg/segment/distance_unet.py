@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
+from scipy.special import expit
 from skimage import filters, morphology, segmentation
 from torch import nn
 
@@ -51,7 +52,11 @@ class DistanceUNetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder_name: str = Field("resnet18", description="smp encoder (resnet18, resnet34, ...)")
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    decoder_channels: tuple[int, ...] = Field(
+        (128, 64, 32, 16, 8),
+        description="U-Net decoder widths; the default matches hcsseg.virtual_stain's, so a "
+        "plate's virtual-staining model can initialise encoder and decoder",
+    )
     init: InitKind = Field(
         "random", description="encoder start when no init_state is given: random or imagenet"
     )
@@ -210,7 +215,7 @@ def predict_distance_unet(
         overlap=opts.overlap,
         amp=opts.train.amp,
     )
-    prob = 1.0 / (1.0 + np.exp(-out))
+    prob = expit(out)
     return prob[0], prob[1]
 
 

@@ -3,8 +3,9 @@
 Two feature-pyramid networks look at the same image: one predicts each nucleus's distance
 transform normalised to its maximum, the other a Gaussian-blurred map of nucleus borders.
 Seeds are the confident nucleus cores (distance above a threshold, away from predicted
-borders); a seeded watershed on the border map then grows them inside the predicted
-nuclei. Two separate networks, as in the paper, so each output gets a whole decoder.
+borders); a seeded watershed on the border map (minus the distance, which breaks ties on
+flat stretches) then grows them inside the predicted nuclei (distance above a low
+threshold). Two separate networks, as in the paper, so each output gets a whole decoder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
+from scipy.special import expit
 from skimage import filters, segmentation
 from torch import nn
 
@@ -175,7 +177,7 @@ def predict_fpn2ws(
         overlap=opts.overlap,
         amp=opts.train.amp,
     )
-    prob = 1.0 / (1.0 + np.exp(-out))
+    prob = expit(out)
     return prob[0], prob[1]
 
 

@@ -8,11 +8,15 @@ the same pixel, and penalises mask pixels outside the image foreground M,
     L = -Σ_i Σ_p y_i  -  λ Σ_{i≠j} Σ_p y_i log(1 - y_j)  +  β Σ_i Σ_p y_i (1 - M),
 
 so cells grow until they meet their neighbours or the background, and the network learns
-from the image where such borders lie. The pairwise term is evaluated in field coordinates:
-all markers of one training area share a canvas where S = Σ_j log(1 - y_j) is accumulated,
-and Σ_{j≠i} log(1 - y_j) = S - log(1 - y_i) is read back per patch (linear in the number
-of markers). Fields are assembled by a per-pixel argmax over the patches; pixels where the
-best mask is below the threshold are background.
+from the image where such borders lie. As in cellcutter, a short supervised warm-up on
+markers grown by a few pixels comes first; started from random weights, the overlap and
+background penalties otherwise drive every mask to zero before any cell takes shape.
+
+The pairwise term is evaluated in field coordinates: all markers of one training area share
+a canvas where S = Σ_j log(1 - y_j) is accumulated, and Σ_{j≠i} log(1 - y_j) = S - log(1 -
+y_i) is read back per patch (linear in the number of markers). Fields are assembled by a
+per-pixel argmax over the patches; pixels where the best mask is below the threshold are
+background.
 
 Cell ids are marker row + 1, so a cell keeps the id of the nucleus that seeded it; a
 marker whose mask is empty leaves a gap in the ids.
@@ -364,8 +368,8 @@ def train_unsupervised(
 
     `images`: (Y, X) or (C, Y, X) arrays; `markers`: per field an (N, 2) array of (y, x) or a
     DataFrame with y/x columns; fields without markers are skipped, none at all is an
-    InputDataError. Returns the state dict (CPU tensors) and a history with the loss and
-    its three terms per step."""
+    InputDataError. Returns the state dict (CPU tensors) and a history with the warm-up
+    losses, then the loss and its three terms per step."""
     opts = options or UnsupervisedOptions()
     fields = _prepare_fields(images, markers, masks, opts)
     rng = seed_everything(opts.seed)

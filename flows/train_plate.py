@@ -1,0 +1,60 @@
+"""Prefect flow: train a per-plate segmentation model and store it with its model card.
+
+Meant for the GPU work pool (the heavy step); it passes back only the model id, and the
+model lives in the model store beside the plate, where the CPU plate flow finds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import artifact_key
+from hcsseg.config import ProcessConfig
+from hcsseg.model_store import load_card
+from hcsseg.model_training import TrainConfig, train_plate_segmentation
+
+
+@task(
+    name="train segmentation model", task_run_name="train {config.method} for {config.compartment}"
+)
+def train_task(plate_url: str, config: TrainConfig, store: str) -> str:
+    return train_plate_segmentation(plate_url, config, store=store)
+
+
+def curve_markdown(card: dict[str, Any]) -> str:
+    """A small table of the loss curve so the UI shows how training went."""
+    curve = card.get("loss_curve", [])
+    lines = [
+        f"# {card['model_id']}",
+        "",
+        f"{card.get('compartment')} / {card.get('method')} on {card.get('input_channels')}, "
+        f"labels: {card.get('truth')}, init: {card.get('init')}, "
+        f"{len(card.get('training_fields', []))} fields",
+        "",
+        "| point | loss |",
+        "|---|---|",
+    ]
+    step = max(1, len(curve) // 20)
+    lines += [f"| {i} | {v:.4f} |" for i, v in list(enumerate(curve))[::step]]
+    return "\n".join(lines)
+
+
+@flow(name="train-plate", flow_run_name="train {config.compartment} model on {plate_url}")
+def train_plate(
+    plate_url: str, config: TrainConfig, model_store: str | None = None
+) -> dict[str, Any]:
+    """Train one segmentation model on the plate (GPU when the worker has one)."""
+    logger = get_run_logger()
+    store = str(ProcessConfig(model_store=model_store).store(plate_url))
+    model_id = train_task(plate_url, config, store)
+    card = load_card(store, model_id)
+    create_markdown_artifact(
+        curve_markdown(card),
+        key=artifact_key("training", f"{card.get('plate', 'plate')}-{config.kind()}"),
+        description=f"training curve of {model_id}",
+    )
+    logger.info("stored model %s in %s", model_id, store)
+    return {"model_id": model_id, "model_store": store}

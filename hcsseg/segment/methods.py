@@ -1,0 +1,154 @@
+"""One interface over every segmentation method, so a plate run picks one per compartment.
+
+``train_method`` fits a model on (image, labels) pairs or (image, markers) fields and
+returns what a model card needs; ``Segmenter`` applies a trained model (or the classical
+baseline) to one field. Cells always get the id of the nucleus they contain, so the
+per-cell table can link compartments; a cell that contains no detected nucleus keeps an
+id above every nucleus id and has no parent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment import distance_unet, fpn2ws, unsupervised
+from hcsseg.segment.classical import CellOptions, NucleiOptions, segment_cells, segment_nuclei
+
+Method = Literal["classical", "distance_unet", "fpn2ws", "unsupervised", "cellpose"]
+TRAINABLE = ("distance_unet", "fpn2ws", "unsupervised", "cellpose")
+OPTION_MODELS: dict[str, type] = {
+    "distance_unet": distance_unet.DistanceUNetOptions,
+    "fpn2ws": fpn2ws.FPN2WSOptions,
+    "unsupervised": unsupervised.UnsupervisedOptions,
+}
+
+
+def parse_options(method: str, options: dict[str, Any] | None) -> Any:
+    if method not in OPTION_MODELS:
+        raise ModelError(
+            f"method {method!r} has no trainable options; choose {list(OPTION_MODELS)}"
+        )
+    return OPTION_MODELS[method].model_validate(options or {})
+
+
+def train_method(
+    method: str,
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    *,
+    options: dict[str, Any] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train `method` on images with labels (supervised) or marker arrays (unsupervised)."""
+    opts = parse_options(method, options)
+    if method == "distance_unet":
+        return distance_unet.train_distance_unet(
+            images, targets, options=opts, init_state=init_state
+        )
+    if method == "fpn2ws":
+        return fpn2ws.train_fpn2ws(images, targets, options=opts, init_state=init_state)
+    return unsupervised.train_unsupervised(images, targets, options=opts, init_state=init_state)
+
+
+def centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (N, 2) y/x centres) of the objects in a label image."""
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return ids, np.empty((0, 2))
+    return ids, np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2)
+
+
+def adopt_nucleus_ids(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+    """Renumber model-made cells to the id of the nucleus they contain most of.
+
+    Each nucleus goes to the cell that holds most of its pixels; a cell claimed by no
+    nucleus gets a fresh id above every nucleus id. Nuclei are stamped into their cells so
+    a cell always contains its nucleus.
+    """
+    fg = (cells > 0) & (nuclei > 0)
+    mapping: dict[int, int] = {}
+    taken: set[int] = set()
+    if fg.any():
+        pairs, counts = np.unique(
+            np.stack([nuclei[fg], cells[fg]]).astype(np.int64), axis=1, return_counts=True
+        )
+        order = np.argsort(-counts, kind="stable")
+        for n_id, c_id in pairs[:, order].T:
+            if int(c_id) not in mapping and int(n_id) not in taken:
+                mapping[int(c_id)] = int(n_id)
+                taken.add(int(n_id))
+    next_id = int(nuclei.max()) + 1
+    cell_ids = np.unique(cells)
+    lut = np.zeros(int(cell_ids.max()) + 1 if len(cell_ids) else 1, np.uint32)
+    for c_id in cell_ids[cell_ids > 0]:
+        if int(c_id) in mapping:
+            lut[c_id] = mapping[int(c_id)]
+        else:
+            lut[c_id] = next_id
+            next_id += 1
+    out = lut[cells]
+    return np.where(nuclei > 0, nuclei, out).astype(np.uint32)
+
+
+@dataclass
+class Segmenter:
+    """A method ready to run on fields: classical options, or a stored model + its card."""
+
+    method: str
+    state: dict[str, torch.Tensor] | None = None
+    card: dict[str, Any] | None = None
+    nuclei_options: NucleiOptions | None = None
+    cell_options: CellOptions | None = None
+
+    @property
+    def options(self) -> Any:
+        return parse_options(self.method, (self.card or {}).get("options"))
+
+    def nuclei(self, image: np.ndarray, *, pixel_size_um: float) -> np.ndarray:
+        if self.method == "classical":
+            return segment_nuclei(image, pixel_size_um=pixel_size_um, options=self.nuclei_options)
+        if self.method == "distance_unet":
+            return distance_unet.segment_distance_unet(self.state, image, options=self.options)
+        if self.method == "fpn2ws":
+            return fpn2ws.segment_fpn2ws(self.state, image, options=self.options)
+        if self.method == "cellpose":
+            from hcsseg.segment.cellpose_backend import run_cellpose
+
+            return run_cellpose(image, model=(self.card or {}).get("weights", "nuclei"))
+        raise ModelError(f"method {self.method!r} does not segment nuclei")
+
+    def cells(
+        self, nuclei: np.ndarray, image: np.ndarray | None, *, pixel_size_um: float
+    ) -> np.ndarray:
+        if self.method == "classical":
+            if image is not None and image.ndim == 3:
+                image = image[0]
+            return segment_cells(
+                nuclei, image, pixel_size_um=pixel_size_um, options=self.cell_options
+            )
+        if image is None:
+            raise InputDataError(f"cell method {self.method!r} needs a cell image channel")
+        if self.method == "unsupervised":
+            ids, centres = centroids(nuclei)
+            raw = unsupervised.segment_unsupervised(
+                self.state, image, centres, options=self.options, allow_empty=True
+            )
+            lut = np.concatenate([[0], ids]).astype(np.uint32)
+            return np.where(nuclei > 0, nuclei, lut[raw]).astype(np.uint32)
+        if self.method == "distance_unet":
+            raw = distance_unet.segment_distance_unet(self.state, image, options=self.options)
+        elif self.method == "cellpose":
+            from hcsseg.segment.cellpose_backend import run_cellpose
+
+            raw = run_cellpose(image, model=(self.card or {}).get("weights", "cyto"))
+        else:
+            raise ModelError(f"method {self.method!r} does not segment cells")
+        return adopt_nucleus_ids(raw, nuclei)
