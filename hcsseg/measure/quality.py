@@ -37,7 +37,9 @@ def _scaled(image: np.ndarray) -> np.ndarray:
 def focus_score(image: np.ndarray) -> float:
     """Normalised variance (Groen et al. 1985), CellProfiler's FocusScore: var / mean."""
     mean = float(image.mean())
-    return float(image.var() / mean) if mean > 0 else 0.0
+    if mean <= 0 or image.max() == image.min():
+        return 0.0
+    return float(image.var() / mean)
 
 
 def local_focus_score(image: np.ndarray, window: int = FOCUS_WINDOW) -> float:
@@ -59,9 +61,9 @@ def power_log_log_slope(image: np.ndarray) -> float:
     CellProfiler fits the radially summed power spectrum of the mean-subtracted image,
     skipping the DC term; a constant image has no spectrum and gives NaN.
     """
-    img = image - image.mean()
-    if not np.any(img):
+    if image.max() == image.min():
         return float("nan")
+    img = image - image.mean()
     n = min(image.shape)
     img = img[:n, :n]
     power = np.abs(np.fft.fftshift(np.fft.fft2(img))) ** 2
