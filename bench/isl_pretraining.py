@@ -66,7 +66,9 @@ def main() -> None:
             vs_state, vs_hist = pretrain_virtual_staining(
                 images, [data[s]["dapi"] for s in train], train
             )
-        vs_loss = [round(float(np.mean(vs_hist["loss"][i : i + 10])), 4) for i in (0, -10)]
+        vs_loss = [
+            round(float(np.mean(part)), 4) for part in (vs_hist["loss"][:10], vs_hist["loss"][-10:])
+        ]
         for init in ("random", "virtual staining"):
             rec: dict = {}
             with timed(rec, "train"):

@@ -32,6 +32,9 @@ PIXEL_SIZE_UM = 0.5  # T cells are ~15 px across here, ~7 um
 N_TRAIN = 5
 UNET_STEPS = 250
 UNSUP_WARMUP, UNSUP_STEPS = 50, 300
+SUP = "distance U-Net, supervised (surface + DAPI)"
+FREE = "annotation-free (DAPI markers)"
+DIAG = "annotation-free, true-cell markers (diagnostic)"
 
 
 def dapi_markers(dapi: np.ndarray) -> tuple[np.ndarray, str]:
@@ -82,7 +85,7 @@ def main() -> None:
         )
     with timed(rec, "predict"):
         preds = [segment_distance_unet(state, stacks[s], options=unet) for s in test]
-    methods["distance U-Net, supervised (surface + DAPI)"] = (
+    methods[SUP] = (
         score(preds, truths, test)
         | rec
         | {
@@ -117,7 +120,7 @@ def main() -> None:
     with timed(rec, "predict"):
         preds = [segment_unsupervised(state, stacks[s], markers[s], options=unsup) for s in test]
     n_markers = {s: len(markers[s]) for s in test}
-    methods["annotation-free (DAPI markers)"] = (
+    methods[FREE] = (
         score(preds, truths, test)
         | rec
         | {
@@ -135,7 +138,7 @@ def main() -> None:
             lab = data[s]["lab"]
             true_markers = np.array(ndi.center_of_mass(lab > 0, lab, np.unique(lab)[1:]))
             preds.append(segment_unsupervised(state, stacks[s], true_markers, options=unsup))
-    methods["annotation-free, true-cell markers (diagnostic)"] = (
+    methods[DIAG] = (
         score(preds, truths, test) | rec | {"note": "same model; markers = true centroids"}
     )
 
@@ -155,6 +158,14 @@ def main() -> None:
             "environment": environment(),
             "methods": methods,
             "findings": [
+                f"Supervised distance U-Net: AP@0.5 {methods[SUP]['ap50_image_mean']:.3f} after "
+                f"{UNET_STEPS} CPU steps on {N_TRAIN} fields; Cellpose fine-tuned reaches 0.694 "
+                "in the paper (pretrained on large data sets, GPU training, other test strips).",
+                f"Annotation-free model: AP@0.5 {methods[FREE]['ap50_image_mean']:.3f} from "
+                f"DAPI markers, {methods[DIAG]['ap50_image_mean']:.3f} from one marker per true "
+                "cell: marker errors (fused or missed dim nuclei, nuclei of unannotated cells) "
+                "cost about half; most of the rest is masks that stay smaller than the cells "
+                "within this training budget (cells below the 0.5 threshold vanish).",
                 "The annotation-free model's foreground M (Otsu of surface stain or DAPI) "
                 "covers ~75 % of true cell pixels on these tissue fields; with the paper's "
                 "β = 15 cells shrank (AP@0.5 0.07 vs 0.15 with β = 5 on a training field, "

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hcsseg.model_store import default_store
 from hcsseg.segment.classical import CellOptions, NucleiOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig
 
@@ -63,10 +64,7 @@ class ProcessConfig(BaseModel):
     cells: CellOptions = Field(default_factory=CellOptions)
 
     def store(self, plate_url: str) -> Path:
-        if self.model_store:
-            return Path(self.model_store)
-        path = Path(plate_url.rstrip("/"))
-        return path.with_name(f"{path.stem}_models")
+        return default_store(plate_url, self.model_store)
 
     def output_root(self, plate_url: str) -> Path:
         if self.output:

@@ -30,6 +30,14 @@ WEIGHTS = "weights.safetensors"
 CARD = "model_card.json"
 
 
+def default_store(plate_url: str, model_store: str | None = None) -> Path:
+    """`model_store` when given, else ``<plate>_models`` beside the plate."""
+    if model_store:
+        return Path(model_store)
+    path = Path(plate_url.rstrip("/"))
+    return path.with_name(f"{path.stem}_models")
+
+
 def _code_version() -> str:
     try:
         return version("hcsseg")

@@ -147,7 +147,10 @@ def heat_map_png(grid: np.ndarray, present: np.ndarray, *, title: str, dpi: int 
         np.arange(0, n_rows, 1 if n_rows <= 16 else 2),
         [row_label(r) for r in range(0, n_rows, 1 if n_rows <= 16 else 2)],
     )
-    ax.tick_params(labelsize=7, length=0)
+    ax.set_xticks(np.arange(-0.5, n_cols), minor=True)
+    ax.set_yticks(np.arange(-0.5, n_rows), minor=True)
+    ax.grid(which="minor", color="#dddddd", linewidth=0.5)
+    ax.tick_params(which="both", labelsize=7, length=0)
     ax.set_title(title, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")

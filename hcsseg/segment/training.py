@@ -13,7 +13,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -516,8 +516,3 @@ def predict_dense(
         return out.float().cpu().numpy()
 
     return predict_tiled(run, image, tile=tile, overlap=overlap, batch_size=batch_size)
-
-
-def iterate_batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))

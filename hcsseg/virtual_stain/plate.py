@@ -23,7 +23,13 @@ from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import marker_qc
-from hcsseg.model_store import check_card_channels, load_card, load_model, save_model
+from hcsseg.model_store import (
+    check_card_channels,
+    default_store,
+    load_card,
+    load_model,
+    save_model,
+)
 from hcsseg.virtual_stain.model import (
     KIND,
     VirtualStainOptions,
@@ -63,10 +69,7 @@ class VirtualStainConfig(BaseModel):
         return f"{self.model.target_channel}{VIRTUAL_SUFFIX}"
 
     def store(self, plate_url: str) -> Path:
-        if self.model_store:
-            return Path(self.model_store)
-        path = Path(plate_url.rstrip("/"))
-        return path.with_name(f"{path.stem}_models")
+        return default_store(plate_url, self.model_store)
 
 
 @dataclass(frozen=True)
