@@ -15,13 +15,15 @@ from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.model_store import load_card
 from hcsseg.model_training import TrainConfig, train_plate_segmentation
+from hcsseg.orchestration import gpu_slot
 
 
 @task(
     name="train segmentation model", task_run_name="train {config.method} for {config.compartment}"
 )
 def train_task(plate_url: str, config: TrainConfig, store: str) -> str:
-    return train_plate_segmentation(plate_url, config, store=store)
+    with gpu_slot():
+        return train_plate_segmentation(plate_url, config, store=store)
 
 
 def curve_markdown(card: dict[str, Any]) -> str:

@@ -17,7 +17,9 @@ from prefect.futures import as_completed
 from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
-from hcsseg.model_store import load_card
+from hcsseg.model_store import latest_model, load_card
+from hcsseg.orchestration import gpu_slot, submit_gpu_work
+from hcsseg.virtual_stain.model import KIND
 from hcsseg.virtual_stain.plate import (
     VirtualStainConfig,
     VirtualStainPlan,
@@ -31,7 +33,41 @@ QC_KEYS = ("Image_VirtualStain_MarkerFNRate", "Image_VirtualStain_MarkerFPRate")
 
 @task(name="train virtual-staining model", task_run_name="train on {plan.plate_name}")
 def train_task(plan: VirtualStainPlan, config: VirtualStainConfig) -> str:
-    return train_plate_model(plan, config)
+    with gpu_slot():
+        return train_plate_model(plan, config)
+
+
+@flow(name="train-virtual-stain", flow_run_name="train virtual stain {plate_url}")
+def train_virtual_stain(
+    plate_url: str,
+    config: VirtualStainConfig,
+    output: str | None = None,
+    wells: list[str] | None = None,
+) -> str:
+    """Training alone, for a GPU work pool: the model lands in the store, its id returns."""
+    output_root = str(ProcessConfig(output=output).output_root(plate_url))
+    plan = plan_virtual_stain(plate_url, config, output_root=output_root, wells=wells)
+    return train_task(plan, config)
+
+
+def _train(plan: VirtualStainPlan, config: VirtualStainConfig, output: str | None) -> str:
+    """Train here, or on the GPU pool when a GPU deployment is configured (paths cross, not
+    weights: the GPU run writes the model into the shared store, we read its id back)."""
+    params = {
+        "plate_url": plan.plate_url,
+        "config": config.model_dump(mode="json"),
+        "output": output,
+        "wells": plan.wells,
+    }
+    run = submit_gpu_work(config.gpu_deployment, params)
+    if run is None:
+        return train_task(plan, config)
+    if run.state is None or not run.state.is_completed():
+        raise HcssegError(f"GPU training run {run.name} ended {run.state and run.state.name}")
+    model_id = latest_model(config.store(plan.plate_url), KIND, plate=plan.plate_name)
+    if model_id is None:
+        raise HcssegError(f"GPU training run {run.name} finished but stored no model")
+    return model_id
 
 
 @task(name="predict virtual stain", task_run_name="virtual stain well {well}")
@@ -92,7 +128,7 @@ def virtual_stain_plate(
         config.model.target_channel,
         len(plan.training_fields),
     )
-    model_id = config.model_id or train_task(plan, config)
+    model_id = config.model_id or _train(plan, config, output)
     card = load_card(config.store(plate_url), model_id)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}

@@ -62,7 +62,6 @@ def submit_plate(
             "config": config.model_dump(mode="json", exclude_defaults=True),
         },
         timeout=0,
-        flow_run_name=f"process {candidate.plate_name}",
         # a second watcher racing this one gets the same flow run back, not a duplicate
         idempotency_key=f"{candidate.plate_url}#{attempt}",
     )

@@ -9,14 +9,14 @@ functions that need them, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -235,12 +235,29 @@ def task_runner_from_env(
     return build_task_runner(task_runner_config_from_env(env) or default)
 
 
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one slot of the `gpu` global concurrency limit while a GPU is in use.
+
+    Only on a machine with CUDA: CPU training needs no slot, and a laptop run with the
+    embedded server has no limit to take.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1):
+        yield
+
+
 def submit_gpu_work(
     deployment_name: str | None,
     parameters: Mapping[str, Any],
     *,
     timeout: float | None = None,
-    flow_run_name: str | None = None,
     idempotency_key: str | None = None,
 ) -> FlowRun | None:
     """Hand GPU work to a deployment on the GPU pool; None means "run it here".
@@ -262,7 +279,6 @@ def submit_gpu_work(
             name,
             parameters=dict(parameters),
             timeout=timeout,
-            flow_run_name=flow_run_name,
             idempotency_key=idempotency_key,
         )
     except ObjectNotFound as exc:

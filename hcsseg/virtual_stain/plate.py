@@ -61,6 +61,11 @@ class VirtualStainConfig(BaseModel):
     max_training_fields: int = Field(
         32, ge=1, description="fields read for training (spread over wells); bounds memory"
     )
+    gpu_deployment: str | None = Field(
+        None,
+        description="train on this GPU-pool deployment (e.g. train-virtual-stain/gpu) "
+        "instead of here; default: $HCSSEG_GPU_DEPLOYMENT, else here",
+    )
     markers: MarkerOptions = Field(default_factory=MarkerOptions)
     match_distance_um: float = Field(15.0, gt=0, description="marker matching radius for QC")
 
