@@ -25,6 +25,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEBUG = {"on": False}
+# The embedded Prefect server can take longer than Prefect's 20 s default to start on a
+# busy laptop; and the library's own loggers should reach the Prefect UI.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
 
 
 def _fail(exc: BaseException) -> None:
@@ -191,7 +195,6 @@ def process(
     Runs as a Prefect flow: with no PREFECT_API_URL set it uses Prefect's embedded
     server; with one set, the run shows up in that server's UI.
     """
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
     try:
         cfg = _load_config(
             config,
@@ -266,7 +269,6 @@ def virtual_stain_cmd(
     model with a model card, predicts every field, writes markers and QC (PCC, marker
     FN/FP within 15 µm on fields that have the real stain).
     """
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
     try:
         cfg = _virtual_config(source, target, model_id, steps, encoder, model_store)
         from flows.virtual_stain import virtual_stain_plate
@@ -306,7 +308,6 @@ def train(
     model_store: Annotated[str | None, typer.Option(help="model folder")] = None,
 ) -> None:
     """Train a segmentation model on this plate's ground truth, pseudo-labels or markers."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
     try:
         from hcsseg.model_training import TrainConfig
 

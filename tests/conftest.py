@@ -8,6 +8,7 @@ import pytest
 # The embedded Prefect server logs its shutdown after pytest has closed the captured
 # streams; keep Prefect's own loggers at WARNING in tests to avoid that noise.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HCSSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
