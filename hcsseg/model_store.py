@@ -21,8 +21,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from hcsseg.errors import ModelError
 
@@ -36,6 +37,20 @@ def default_store(plate_url: str, model_store: str | None = None) -> Path:
         return Path(model_store)
     path = Path(plate_url.rstrip("/"))
     return path.with_name(f"{path.stem}_models")
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars/arrays (metrics, percentiles) as JSON numbers, not their repr strings."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _code_version() -> str:
@@ -69,8 +84,9 @@ def save_model(
     tmp = root / f".tmp-{model_id}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS))
-        (tmp / CARD).write_text(json.dumps(full_card, indent=2, default=str))
+        # Synced before the rename, so the folder that appears is whole even after a power cut.
+        _write_synced(tmp / WEIGHTS, save(tensors))
+        _write_synced(tmp / CARD, json.dumps(full_card, indent=2, default=_json_default).encode())
         final = root / model_id
         if final.exists():  # same weights saved twice in one second: keep the first
             shutil.rmtree(tmp)

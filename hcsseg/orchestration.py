@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fnmatch
 import importlib
 import logging
 import os
@@ -350,6 +351,22 @@ def _last_change(plate: Path) -> float:
     return max(times)
 
 
+def _plate_dirs(root: Path, pattern: str, *, recursive: bool) -> list[Path]:
+    """Folders matching ``pattern``; a recursive search never walks into a zarr store."""
+    if not recursive:
+        return sorted(p for p in root.glob(pattern) if p.is_dir())
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        descend = []
+        for name in dirnames:
+            if fnmatch.fnmatch(name, pattern):
+                found.append(Path(dirpath) / name)
+            elif not name.endswith(".zarr"):
+                descend.append(name)
+        dirnames[:] = descend
+    return sorted(found)
+
+
 def find_plates(
     folder: str | Path,
     *,
@@ -364,9 +381,8 @@ def find_plates(
     if not root.is_dir():
         raise HcssegError(f"watched folder {folder} does not exist or is not a folder")
     now = time.time() if now is None else now
-    paths = root.rglob(options.pattern) if options.recursive else root.glob(options.pattern)
     found = []
-    for path in sorted(p for p in paths if p.is_dir()):
+    for path in _plate_dirs(root, options.pattern, recursive=options.recursive):
         if now - _last_change(path) < options.min_age_seconds:
             log.info("skip %s: changed less than %g s ago", path, options.min_age_seconds)
             continue
@@ -391,7 +407,7 @@ def needs_processing(candidate: PlateCandidate, *, max_attempts: int) -> bool:
     """No status yet, or failed fewer than ``max_attempts`` times.
 
     ``submitted`` plates are not re-submitted here: the watcher first asks the server
-    how that run ended (`refresh_submitted`).
+    how that run ended (`flows.watch_plates.settle_submitted`).
     """
     status = candidate.status
     if status is None:

@@ -21,13 +21,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
+from prefect.events import Event
+from prefect.workers.process import ProcessWorker
 
 from hcsseg.demo import synthetic_plate
 from hcsseg.io.plate import open_plate
+from hcsseg.orchestration import PLATE_READY_EVENT, plate_resource_id
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -120,19 +124,15 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 180) -> str:
     return output
 
 
-def _api(env: dict[str, str], method: str, path: str, **json) -> object:
-    response = httpx.request(
-        method, f"{env['PREFECT_API_URL']}{path}", json=json or None, timeout=30
-    )
+def _api(env: dict[str, str], method: str, path: str, body: object = None) -> Any:
+    response = httpx.request(method, f"{env['PREFECT_API_URL']}{path}", json=body, timeout=30)
     response.raise_for_status()
-    return response.json()
+    return response.json() if response.content else None
 
 
 def _runs_of(env: dict[str, str], deployment: str) -> list[dict]:
     dep = _api(env, "GET", f"/deployments/name/{deployment}")
-    return _api(  # type: ignore[return-value]
-        env, "POST", "/flow_runs/filter", deployments={"id": {"any_": [dep["id"]]}}
-    )
+    return _api(env, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
 
 
 def _read_flow_run(env: dict[str, str], run_id: str):
@@ -140,10 +140,12 @@ def _read_flow_run(env: dict[str, str], run_id: str):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(UUID(run_id))
-            artifacts = client.read_artifacts(limit=50)
+    with (
+        temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        run = client.read_flow_run(UUID(run_id))
+        artifacts = client.read_artifacts(limit=50)
     return run, artifacts
 
 
@@ -161,7 +163,14 @@ def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
     on_demand = synthetic_plate(
         plates / "e2e.zarr", wells=("B02", "B03"), fields_per_well=1, shape=(256, 256)
     ).url
-    _cli(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    # Pool and event through the REST API: each `prefect` CLI call costs ~5 s of imports.
+    template = ProcessWorker.get_default_base_job_template()
+    _api(
+        env,
+        "POST",
+        "/work_pools/",
+        {"name": POOL, "type": "process", "base_job_template": template},
+    )
     names = ["--name", "on-demand"] + (["--name", "on-plate-ready"] if with_event else [])
     _cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *names)
     _cli(env, "deployment", "run", "process-plate/on-demand", "--param", f"plate_url={on_demand}")
@@ -172,16 +181,12 @@ def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
         evented = synthetic_plate(
             plates / "evented.zarr", wells=("C02",), fields_per_well=1, shape=(256, 256)
         ).url
-        _cli(
-            env,
-            "event",
-            "emit",
-            "hcs.plate.ready",
-            "--resource-id",
-            "hcs.plate.evented",
-            "--payload",
-            f'{{"plate_url": "{evented}"}}',
+        event = Event(
+            event=PLATE_READY_EVENT,
+            resource={"prefect.resource.id": plate_resource_id("evented")},
+            payload={"plate_url": evented},
         )
+        _api(env, "POST", "/events", [event.model_dump(mode="json")])
         deadline = time.monotonic() + 60
         while not (triggered := _runs_of(env, "process-plate/on-plate-ready")):
             assert time.monotonic() < deadline, "hcs.plate.ready did not trigger a flow run"

@@ -40,6 +40,15 @@ def test_sizes_follow_pixel_size():
 
 def test_empty_and_bad_images():
     assert detect_markers(np.zeros((64, 64)), pixel_size_um=1.0).empty
+    empty = detect_markers(np.zeros((0, 64)), pixel_size_um=1.0)
+    assert empty.empty and list(empty.columns) == [
+        "y",
+        "x",
+        "y_um",
+        "x_um",
+        "sigma_px",
+        "intensity",
+    ]
     with pytest.raises(InputDataError, match="NaN"):
         detect_markers(np.full((8, 8), np.nan), pixel_size_um=1.0)
     with pytest.raises(ValueError, match="min_diameter_um"):
@@ -54,6 +63,12 @@ def test_matching_is_one_to_one_within_distance():
     assert len(pairs) == 2
     assert len(set(pairs[:, 0])) == 2 and len(set(pairs[:, 1])) == 2
     assert fn == pytest.approx(1 / 3) and fp == pytest.approx(2 / 4)
+    # Greedy closest-first would pair (0, 4.5) with (0, 8) and strand (0, 12); the optimal
+    # one-to-one assignment matches both.
+    pairs, fn, fp = match_markers(
+        np.array([[0, 4.5], [0, 12]]), np.array([[0, 0], [0, 8]]), max_distance_px=5
+    )
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 0), (1, 1)] and fn == 0 and fp == 0
     none, fn0, fp0 = match_markers(np.empty((0, 2)), true, max_distance_px=5)
     assert len(none) == 0 and fn0 == 1.0 and np.isnan(fp0)
 

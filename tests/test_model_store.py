@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,32 @@ def test_half_written_model_is_invisible(tmp_path):
     assert list_models(tmp_path) == []
     with pytest.raises(ModelError, match="no model 'nope'"):
         load_model(tmp_path, "nope")
+
+
+def test_crash_while_saving_leaves_no_model(tmp_path, monkeypatch):
+    """A failure after the weights are written (here: while writing the card) must leave
+    neither a listed model nor a temporary folder behind."""
+    import hcsseg.model_store as store_module
+
+    real_write = store_module._write_synced
+
+    def fail_on_card(path, data):
+        if path.name == "model_card.json":
+            raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(store_module, "_write_synced", fail_on_card)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tmp_path, "virtual_stain", {"w": torch.ones(4)}, {})
+    assert list(tmp_path.iterdir()) == [] and list_models(tmp_path) == []
+
+
+def test_card_keeps_numpy_numbers_as_numbers(tmp_path):
+    card = {"metrics": {"pcc": np.float32(0.5)}, "percentiles": np.array([1.0, 99.8])}
+    _, saved = load_model(
+        tmp_path, save_model(tmp_path, "virtual_stain", {"w": torch.ones(1)}, card)
+    )
+    assert saved["metrics"]["pcc"] == 0.5 and saved["percentiles"] == [1.0, 99.8]
 
 
 def test_damaged_weights_are_a_clear_error(tmp_path):

@@ -243,6 +243,9 @@ def test_find_plates_lists_only_settled_hcs_plates(tmp_path):
     assert found[0].status_path == tmp_path / "old_tables" / "_runs" / "demo-synthetic.json"
     everything = find_plates(tmp_path, options=WatchOptions(min_age_seconds=0))
     assert [c.plate_url for c in everything] == [fresh, old]
+    nested = _tiny(tmp_path / "run1" / "nested.zarr")
+    recursive = find_plates(tmp_path, options=WatchOptions(min_age_seconds=0, recursive=True))
+    assert [c.plate_url for c in recursive] == [fresh, old, nested]
     with pytest.raises(HcssegError, match="does not exist"):
         find_plates(tmp_path / "nowhere")
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,17 @@ from hcsseg.segment.fpn2ws import FPN2WSOptions, border_map, segment_fpn2ws, tra
 from hcsseg.segment.training import TrainOptions, transfer_weights, validate_labels
 from hcsseg.virtual_stain.model import VirtualStainOptions, build_network
 from tests.conftest import dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core runner, two threads contending with other jobs
+    made these trainings 10-30x slower (thread barriers waiting on preempted threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SMALL_DECODER = (64, 32, 16, 16, 8)
 
@@ -191,6 +203,18 @@ def test_isl_initialisation_copies_encoder_and_decoder(dsb_pairs: list) -> None:
     _, hist = train_distance_unet(images, labels, options=opts, init_state=vs)
     assert hist["init"] == "virtual-staining (encoder)"
     assert hist["transferred_tensors"] == sum(k.startswith("encoder.") for k in vs)
+
+
+def test_fpn2ws_initialises_from_virtual_staining_encoder(dsb_pairs: list) -> None:
+    vs = build_network(VirtualStainOptions(source_channels=["phase"])).state_dict()
+    image, labels = dsb_pairs[0]
+    opts = FPN2WSOptions(train=_fast_train(1).model_copy(update={"crop_size": 64}))
+    state, hist = train_fpn2ws([image], [labels], options=opts, init_state=vs)
+    assert hist["init"] == "encoder of init_state"
+    _, hist = train_fpn2ws([image], [labels], options=opts, init_state=state)
+    assert hist["init"] == "resumed from init_state"
+    with pytest.raises(ModelError, match="init_state expects 1 channel"):
+        train_fpn2ws([np.stack([image, image])], [labels], options=opts, init_state=state)
 
 
 @pytest.mark.parametrize(

@@ -138,3 +138,38 @@ def test_model_errors_are_clear(dense_plate, tmp_path):
             dense_plate.url,
             ProcessConfig(cells_method="distance_unet", cells_model=trained["model_id"]),
         )
+
+
+def test_cli_train_process_evaluate(dense_plate):
+    from typer.testing import CliRunner
+
+    from hcsseg.cli import app
+
+    runner = CliRunner()
+    url = dense_plate.url
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            url,
+            "--compartment",
+            "cells",
+            "--method",
+            "distance_unet",
+            "--channel",
+            "CD",
+            "--truth",
+            "cells_gt",
+            "--steps",
+            "2",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    assert "stored model cells-distance_unet-" in trained.output
+    processed = runner.invoke(
+        app, ["process", url, "--nucleus-channel", "DAPI", "--cells-method", "distance_unet"]
+    )
+    assert processed.exit_code == 0, processed.output
+    scored = runner.invoke(app, ["evaluate", url, "--pred", "cells", "--truth", "cells_gt"])
+    assert scored.exit_code == 0, scored.output
+    assert "4 fields" in scored.output and "mean AP 0.50:0.95" in scored.output

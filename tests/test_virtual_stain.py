@@ -17,7 +17,13 @@ from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import plate_from_arrays
 from hcsseg.segment.training import TrainOptions
-from hcsseg.virtual_stain.model import VirtualStainOptions, train_virtual_stain
+from hcsseg.virtual_stain.model import (
+    VirtualStainOptions,
+    build_network,
+    network_from_state,
+    predict_virtual_stain,
+    train_virtual_stain,
+)
 from hcsseg.virtual_stain.plate import VirtualStainConfig, plan_virtual_stain
 from tests.conftest import dataset
 
@@ -54,21 +60,91 @@ def tiny(steps: int = 40) -> VirtualStainOptions:
     )
 
 
-def test_training_loss_falls(isl):
+@pytest.fixture(scope="module")
+def trained(isl):
+    """40 steps on four 256² pseudo-fields of the left half; shared by the tests below."""
     phase, dapi = isl
     fields = [
         (phase[:, y : y + 256, x : x + 256], dapi[y : y + 256, x : x + 256])
         for y in (0, 256)
         for x in (0, 256)
     ]
-    model = train_virtual_stain(
+    return train_virtual_stain(
         [f[0] for f in fields], [f[1] for f in fields], ["a", "b", "c", "d"], options=tiny()
     )
-    loss = model.history["loss"]
+
+
+def test_training_loss_falls(trained):
+    loss = trained.history["loss"]
     assert np.mean(loss[-8:]) < 0.8 * np.mean(loss[:4])
-    assert len(model.val_keys) == 1 and set(model.train_keys) | set(model.val_keys) == set("abcd")
-    card = model.card()
-    assert card["source_channels"] == PHASE and card["validation_fields"] == model.val_keys
+    assert len(trained.val_keys) == 1
+    assert set(trained.train_keys) | set(trained.val_keys) == set("abcd")
+    card = trained.card()
+    assert card["source_channels"] == PHASE and card["validation_fields"] == trained.val_keys
+    # The card is enough to rebuild the network: same weights, same prediction.
+    rebuilt = network_from_state(trained.network.state_dict(), card)
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 64, 64), np.float32))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), trained.network.eval()(x))
+
+
+def test_tiled_prediction_matches_one_tile_without_seams(trained, isl):
+    """Unseen right half of the field: 128² tiles blended over 32 px agree with a single
+    512² pass, and the prediction is no steeper across tile edges than the single pass is
+    at the same columns (naive tiling with hard cuts is, which this check must notice)."""
+    from hcsseg.segment.tiling import tile_starts
+    from hcsseg.segment.training import normalize_percentile
+
+    phase, _ = isl
+    source = phase[:, :256, 512:1024]
+    whole = predict_virtual_stain(trained.network, source, tiny().model_copy(update={"tile": 512}))
+    tiled_opts = tiny().model_copy(update={"tile": 128, "overlap": 32})
+    tiled = predict_virtual_stain(trained.network, source, tiled_opts)
+    assert tiled.shape == whole.shape == (256, 512) and tiled.dtype == np.float32
+    spread = np.percentile(whole, 99) - np.percentile(whole, 1)
+    diff = np.abs(tiled - whole)
+    assert diff.mean() < 0.02 * spread and np.percentile(diff, 99) < 0.1 * spread
+
+    def edge_jump(image: np.ndarray, edges: list[int]) -> float:
+        """Mean step between column e-1 and e over the given edge columns."""
+        return float(np.abs(np.diff(image, axis=1)).mean(axis=0)[[e - 1 for e in edges]].mean())
+
+    edges = sorted({e for s in tile_starts(512, 128, 32) for e in (s, s + 128)} - {0, 512})
+    assert edge_jump(tiled, edges) < 1.25 * edge_jump(whole, edges)
+    x = torch.from_numpy(normalize_percentile(source)[None])
+    with torch.no_grad():
+        net = trained.network.eval()
+        naive = torch.cat([net(x[..., s : s + 128]) for s in range(0, 512, 128)], -1)[0, 0]
+    assert edge_jump(naive.numpy(), [128, 256, 384]) > 1.5 * edge_jump(whole, [128, 256, 384])
+
+
+def test_training_is_reproducible_and_refuses_bad_input(isl):
+    phase, dapi = isl
+    opts = tiny(4).model_copy(
+        update={"training": tiny().training.model_copy(update={"n_steps": 4, "batch_size": 2})}
+    )
+    source, target = phase[:, :192, :256], dapi[:192, :256]
+    # One field: split into a training and a validation strip instead of failing.
+    runs = [train_virtual_stain([source], [target], ["B/03/0"], options=opts) for _ in range(2)]
+    assert runs[0].history["loss"] == runs[1].history["loss"]
+    assert runs[0].train_keys == ["B/03/0[train strip]"]
+    assert runs[0].val_keys == ["B/03/0[validation strip]"]
+    with pytest.raises(InputDataError, match="nothing to learn from"):
+        train_virtual_stain([], [], [], options=opts)
+    bad = source.astype(np.float32)
+    bad[0, 5, 5] = np.nan
+    with pytest.raises(InputDataError, match="NaN"):
+        train_virtual_stain([bad], [target], ["B/03/0"], options=opts)
+    with pytest.raises(InputDataError, match="source channels"):
+        train_virtual_stain([source[:2]], [target], ["B/03/0"], options=opts)
+    with pytest.raises(InputDataError, match="target 'DAPI' has shape"):
+        train_virtual_stain([source], [target[:100]], ["B/03/0"], options=opts)
+    # Fine-tuning from a model with other input channels is refused, not half-loaded.
+    one_channel = build_network(opts.model_copy(update={"source_channels": ["PHASE_z06"]}))
+    with pytest.raises(ModelError, match="does not fit"):
+        train_virtual_stain(
+            [source], [target], ["B/03/0"], options=opts, init_state=one_channel.state_dict()
+        )
 
 
 def test_no_target_anywhere_is_an_error(tmp_path, isl):

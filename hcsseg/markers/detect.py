@@ -65,6 +65,8 @@ def detect_markers(
     if not math.isfinite(pixel_size_um) or pixel_size_um <= 0:
         raise InputDataError(f"pixel size must be positive, got {pixel_size_um}")
     empty = pd.DataFrame({c: pd.Series(dtype=float) for c in MARKER_COLUMNS})
+    if image.size == 0:
+        return empty
     norm = _normalised(image)
     if norm is None:
         return empty

@@ -1,55 +1,57 @@
 """Per-object features in CellProfiler / pycytominer naming (cp_measure style).
 
-``measure_objects(nuclei, cells, channels) -> DataFrame``: one row per nucleus, columns
+``measure_objects(nuclei, cells, channels) -> DataFrame``: one row per object id, columns
 ``<Compartment>_<Module>_<Feature>[_<Channel>]`` for the compartments Nuclei, Cells and
-Cytoplasm (cell minus nucleus). Intensities follow CellProfiler: integer images are scaled
-to 0-1 by their dtype's maximum, float images are used as they are. Lengths and areas are
-in pixels, as CellProfiler reports them.
+Cytoplasm (cell minus every nucleus, as CellProfiler's IdentifyTertiaryObjects).
 
-Everything is vectorised over objects (``scipy.ndimage`` reductions and one
-``regionprops_table`` call per compartment), so a 2k x 2k field with thousands of cells
-takes about a second.
+Definitions follow CellProfiler's MeasureObjectSizeShape and MeasureObjectIntensity so the
+columns can be compared with existing screens:
+
+* intensities: integer images are scaled to 0-1 by their dtype's maximum, as CellProfiler
+  does on loading; float images are used as they are.  Std is the population std; quartiles
+  and median use CellProfiler's rule (position ``n * q`` in the sorted pixels, interpolated).
+* shape: lengths and areas in pixels, each equal to what ``regionprops`` gives (CellProfiler
+  calls it): 4-neighbourhood Perimeter, second-moment axes, Eccentricity and Orientation
+  (degrees, as CellProfiler), Solidity against the hull of the pixel-edge midpoints,
+  8-connected EulerNumber; FormFactor = 4π·Area/Perimeter², Compactness as CellProfiler.
+
+Everything is vectorised over objects: the labelled pixels are sorted by object once per
+compartment and each feature is a ``np.ufunc.reduceat`` over the runs (convex hulls included,
+see `_convex_areas`).  A 2k x 2k field with 5,000 nuclei, cells and cytoplasm and three
+uint16 channels takes about 3 s of CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from skimage.measure import regionprops_table
 
 from hcsseg.errors import InputDataError
 
 FEATURE_COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
 
-_SHAPE_PROPS = (
-    "area",
-    "perimeter",
-    "eccentricity",
-    "solidity",
-    "extent",
-    "axis_major_length",
-    "axis_minor_length",
-    "orientation",
-    "equivalent_diameter_area",
-    "euler_number",
+_SHAPE_FEATURES = (
+    "AreaShape_Area",
+    "AreaShape_Perimeter",
+    "AreaShape_Eccentricity",
+    "AreaShape_Solidity",
+    "AreaShape_Extent",
+    "AreaShape_MajorAxisLength",
+    "AreaShape_MinorAxisLength",
+    "AreaShape_Orientation",
+    "AreaShape_EquivalentDiameter",
+    "AreaShape_EulerNumber",
+    "AreaShape_FormFactor",
+    "AreaShape_Compactness",
+    "Location_Center_X",
+    "Location_Center_Y",
 )
-_SHAPE_NAMES = {
-    "area": "Area",
-    "perimeter": "Perimeter",
-    "eccentricity": "Eccentricity",
-    "solidity": "Solidity",
-    "extent": "Extent",
-    "axis_major_length": "MajorAxisLength",
-    "axis_minor_length": "MinorAxisLength",
-    "orientation": "Orientation",
-    "equivalent_diameter_area": "EquivalentDiameter",
-    "euler_number": "EulerNumber",
-}
 _INTENSITY_FEATURES = (
     "IntegratedIntensity",
     "MeanIntensity",
@@ -61,6 +63,24 @@ _INTENSITY_FEATURES = (
     "UpperQuartileIntensity",
     "MassDisplacement",
 )
+_QUANTILES = (
+    ("LowerQuartileIntensity", 0.25),
+    ("MedianIntensity", 0.5),
+    ("UpperQuartileIntensity", 0.75),
+)
+
+# scikit-image's perimeter: border pixels are weighted by the code
+# 1 * self + 2 * (4-neighbours on the border) + 10 * (diagonal neighbours on the border).
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1.0
+_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
+_EDGE_OFFSETS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DIAGONAL_OFFSETS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+# Label values up to max(pixel count, this) are indexed through lookup tables; larger ones
+# (sparse ids from elsewhere) through a sort.
+_MIN_LUT_LABEL = 1 << 16
 
 
 def channel_token(name: str) -> str:
@@ -71,128 +91,14 @@ def channel_token(name: str) -> str:
     return token
 
 
-def _scaled(image: np.ndarray) -> np.ndarray:
-    if np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float64) / float(np.iinfo(image.dtype).max)
-    return image.astype(np.float64)
-
-
-def _shape_features(labels: np.ndarray, ids: np.ndarray, compartment: str) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    n = len(ids)
-    names = [f"{compartment}_AreaShape_{_SHAPE_NAMES[p]}" for p in _SHAPE_PROPS] + [
-        f"{compartment}_AreaShape_FormFactor",
-        f"{compartment}_AreaShape_Compactness",
-        f"{compartment}_Location_Center_X",
-        f"{compartment}_Location_Center_Y",
-    ]
-    for name in names:
-        out[name] = np.full(n, np.nan)
-    if n == 0 or not labels.any():
-        return out
-    table = regionprops_table(labels, properties=("label", "centroid", *_SHAPE_PROPS))
-    pos = np.searchsorted(ids, table["label"])
-    valid = (pos < n) & (ids[np.minimum(pos, n - 1)] == table["label"])
-    pos, sel = pos[valid], valid
-    for prop in _SHAPE_PROPS:
-        out[f"{compartment}_AreaShape_{_SHAPE_NAMES[prop]}"][pos] = table[prop][sel]
-    area = table["area"][sel].astype(float)
-    perimeter = table["perimeter"][sel].astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[f"{compartment}_AreaShape_FormFactor"][pos] = 4 * np.pi * area / perimeter**2
-    cy, cx = table["centroid-0"][sel], table["centroid-1"][sel]
-    out[f"{compartment}_Location_Center_X"][pos] = cx
-    out[f"{compartment}_Location_Center_Y"][pos] = cy
-    yy, xx = np.indices(labels.shape)
-    lab = labels.ravel()
-    fg = lab > 0
-    index = np.searchsorted(ids, lab[fg])
-    inside = (index < n) & (ids[np.minimum(index, n - 1)] == lab[fg])
-    cent_y = np.full(n, np.nan)
-    cent_x = np.full(n, np.nan)
-    cent_y[pos], cent_x[pos] = cy, cx
-    idx = index[inside]
-    d2 = (yy.ravel()[fg][inside] - cent_y[idx]) ** 2 + (xx.ravel()[fg][inside] - cent_x[idx]) ** 2
-    # CellProfiler's compactness: mean squared distance to the centroid / (area / 2π).
-    sums = np.bincount(idx, weights=d2, minlength=n)
-    counts = np.bincount(idx, minlength=n).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        compact = (sums / counts) / (counts / (2 * np.pi))
-    out[f"{compartment}_AreaShape_Compactness"] = np.where(counts > 0, compact, np.nan)
-    return out
-
-
-def _intensity_features(
-    labels: np.ndarray, ids: np.ndarray, image: np.ndarray, compartment: str, token: str
-) -> dict[str, np.ndarray]:
-    n = len(ids)
-    names = {f: f"{compartment}_Intensity_{f}_{token}" for f in _INTENSITY_FEATURES}
-    out = {name: np.full(n, np.nan) for name in names.values()}
-    if n == 0:
-        return out
-    values = _scaled(image)
-    lab = labels.ravel()
-    fg = lab > 0
-    index = np.searchsorted(ids, lab[fg])
-    inside = (index < n) & (ids[np.minimum(index, n - 1)] == lab[fg])
-    idx = index[inside]
-    vals = values.ravel()[fg][inside]
-    counts = np.bincount(idx, minlength=n).astype(float)
-    present = counts > 0
-    total = np.bincount(idx, weights=vals, minlength=n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = total / counts
-        var = np.bincount(idx, weights=vals**2, minlength=n) / counts - mean**2
-    out[names["IntegratedIntensity"]] = np.where(present, total, np.nan)
-    out[names["MeanIntensity"]] = np.where(present, mean, np.nan)
-    out[names["StdIntensity"]] = np.where(present, np.sqrt(np.clip(var, 0, None)), np.nan)
-    labels_present = ids[present]
-    if labels_present.size:
-        out[names["MinIntensity"]][present] = ndi.minimum(values, labels, labels_present)
-        out[names["MaxIntensity"]][present] = ndi.maximum(values, labels, labels_present)
-        # Quantiles: sort pixels by (object, value) once, then index into each run.
-        order = np.lexsort((vals, idx))
-        sorted_vals = vals[order]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        for feature, q in (
-            ("LowerQuartileIntensity", 0.25),
-            ("MedianIntensity", 0.5),
-            ("UpperQuartileIntensity", 0.75),
-        ):
-            pos = starts[present] + np.floor(q * (counts[present] - 1)).astype(np.int64)
-            nxt = np.minimum(pos + 1, starts[present] + counts[present].astype(np.int64) - 1)
-            frac = q * (counts[present] - 1) - np.floor(q * (counts[present] - 1))
-            out[names[feature]][present] = sorted_vals[pos] * (1 - frac) + sorted_vals[nxt] * frac
-        # Mass displacement: distance between the intensity-weighted and plain centroids.
-        yy, xx = np.indices(labels.shape)
-        ys, xs = yy.ravel()[fg][inside], xx.ravel()[fg][inside]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cy = np.bincount(idx, weights=ys, minlength=n) / counts
-            cx = np.bincount(idx, weights=xs, minlength=n) / counts
-            wy = np.bincount(idx, weights=ys * vals, minlength=n) / total
-            wx = np.bincount(idx, weights=xs * vals, minlength=n) / total
-        disp = np.hypot(wy - cy, wx - cx)
-        out[names["MassDisplacement"]] = np.where(present & (total > 0), disp, np.nan)
-    return out
-
-
-def _check_labels(labels: np.ndarray, what: str, shape: tuple[int, ...] | None) -> np.ndarray:
-    if labels.ndim != 2:
-        raise InputDataError(f"{what} labels must be 2-D, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise InputDataError(f"{what} labels must be integers, got {labels.dtype}")
-    if shape is not None and labels.shape != shape:
-        raise InputDataError(f"{what} labels shape {labels.shape} differs from {shape}")
-    return labels
-
-
 @functools.cache
 def feature_columns(channel_tokens: tuple[str, ...]) -> list[str]:
     """The ordered feature columns `measure_objects` gives for nuclei + cells + tokens."""
-    dummy = np.zeros((1, 1), np.uint32)
-    images = {t: np.zeros((1, 1), np.float32) for t in channel_tokens}
-    frame = measure_objects(dummy, dummy, images)
-    return [c for c in frame.columns if not c.startswith("Metadata_")]
+    return [
+        name
+        for compartment in FEATURE_COMPARTMENTS
+        for name in _compartment_columns(compartment, channel_tokens)
+    ]
 
 
 def measure_objects(
@@ -206,44 +112,375 @@ def measure_objects(
 
     `channels` maps feature tokens (no underscores, see `channel_token`) to 2-D images.
     Cells share their nucleus's id (``Metadata_Cells_Parent_Nuclei``); cytoplasm is the
-    cell minus its nucleus; a cell without a nucleus has parent 0 and NaN nucleus features.
-    `pixel_size_um` is accepted for symmetry with the callers and recorded by them in the
-    file metadata: features stay in pixels.
+    cell minus the nuclei; a cell without a nucleus has parent 0 and NaN nucleus features,
+    a nucleus without a cell NaN cell features.  `pixel_size_um` is accepted for symmetry
+    with the callers, who record it in the file metadata: features stay in pixels, as in
+    CellProfiler.
     """
     del pixel_size_um
     nuclei = _check_labels(nuclei, "nuclei", None)
     if cells is not None:
         cells = _check_labels(cells, "cells", nuclei.shape)
-    for token, image in channels.items():
-        if "_" in token:
-            raise ValueError(f"channel token {token!r} contains '_'; use channel_token()")
-        if image.shape != nuclei.shape:
-            raise InputDataError(
-                f"channel {token} has shape {image.shape}, labels have {nuclei.shape}"
-            )
-    nucleus_ids = np.unique(nuclei)
-    nucleus_ids = nucleus_ids[nucleus_ids > 0].astype(np.int64)
-    ids = nucleus_ids
+    images = {
+        token: _check_channel(token, image, nuclei.shape) for token, image in channels.items()
+    }
+
+    nucleus_ids = _ids(nuclei)
     compartments: list[tuple[str, np.ndarray]] = [("Nuclei", nuclei)]
     if cells is not None:
-        # Cells found by a model may hold no detected nucleus: they keep their own id
-        # (above every nucleus id) and get parent 0, as CellProfiler marks orphans.
-        cell_ids = np.unique(cells)
-        ids = np.union1d(nucleus_ids, cell_ids[cell_ids > 0].astype(np.int64))
-        parent = np.where(np.isin(ids, nucleus_ids), ids, 0)
-        cytoplasm = np.where(nuclei > 0, 0, cells).astype(cells.dtype)
+        # Cells found by a model may hold no detected nucleus: they keep their own id and get
+        # parent 0, as CellProfiler marks orphans.
+        ids = np.union1d(nucleus_ids, _ids(cells))
+        cytoplasm = np.where(nuclei > 0, 0, cells)
         compartments += [("Cells", cells), ("Cytoplasm", cytoplasm)]
         columns: dict[str, np.ndarray] = {
             "Metadata_ObjectNumber": ids,
-            "Metadata_Cells_Parent_Nuclei": parent,
+            "Metadata_Cells_Parent_Nuclei": np.where(np.isin(ids, nucleus_ids), ids, 0),
             "Metadata_Cytoplasm_Parent_Cells": ids,
         }
     else:
+        ids = nucleus_ids
         columns = {"Metadata_ObjectNumber": ids}
+
     for compartment, labels in compartments:
-        columns.update(_shape_features(labels, ids, compartment))
-        for token, image in channels.items():
-            columns.update(_intensity_features(labels, ids, image, compartment, token))
+        objects = _Objects.build(labels, ids)
+        for feature, values in _shape_features(objects).items():
+            columns[f"{compartment}_{feature}"] = values
+        for token, image in images.items():
+            for feature, values in _intensity_features(objects, image).items():
+                columns[f"{compartment}_Intensity_{feature}_{token}"] = values
     frame = pd.DataFrame(columns)
-    frame["Metadata_ObjectNumber"] = frame["Metadata_ObjectNumber"].astype(np.int64)
+    for column in frame.columns:
+        frame[column] = frame[column].astype(
+            np.int64 if column.startswith("Metadata_") else np.float64
+        )
     return frame
+
+
+def _compartment_columns(compartment: str, tokens: tuple[str, ...]) -> list[str]:
+    return [f"{compartment}_{f}" for f in _SHAPE_FEATURES] + [
+        f"{compartment}_Intensity_{f}_{t}" for t in tokens for f in _INTENSITY_FEATURES
+    ]
+
+
+def _check_labels(labels: np.ndarray, what: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise InputDataError(f"{what} labels must be 2-D, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputDataError(f"{what} labels must be integers, got {labels.dtype}")
+    if shape is not None and labels.shape != shape:
+        raise InputDataError(f"{what} labels shape {labels.shape} differs from {shape}")
+    if labels.size and (labels.min() < 0 or int(labels.max()) > np.iinfo(np.int64).max):
+        raise InputDataError(f"{what} label ids must lie in 0..2**63-1")
+    return labels.astype(np.int64, copy=False)
+
+
+def _check_channel(token: str, image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Validate one channel; returns it unscaled (scaling happens on the labelled pixels)."""
+    if "_" in token:
+        raise ValueError(f"channel token {token!r} contains '_'; use channel_token()")
+    image = np.asarray(image)
+    if image.shape != shape:
+        raise InputDataError(f"channel {token} has shape {image.shape}, labels have {shape}")
+    if image.dtype.kind not in "biuf":
+        raise InputDataError(f"channel {token} has non-numeric dtype {image.dtype}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InputDataError(f"channel {token} contains NaN or infinite pixels")
+    return image
+
+
+def _use_lut(labels: np.ndarray) -> bool:
+    return not labels.size or int(labels.max()) <= max(labels.size, _MIN_LUT_LABEL)
+
+
+def _ids(labels: np.ndarray) -> np.ndarray:
+    if _use_lut(labels):
+        return np.flatnonzero(np.bincount(labels.ravel(), minlength=1)[1:]) + 1
+    ids = np.unique(labels)
+    return ids[ids > 0]
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """Stable argsort; non-negative keys below 2**16 go through numpy's O(N) radix sort."""
+    if keys.size and keys.dtype.kind in "iu" and keys.min() >= 0 and keys.max() < 1 << 16:
+        keys = keys.astype(np.uint16)
+    return np.argsort(keys, kind="stable")
+
+
+@dataclass(frozen=True)
+class _Objects:
+    """The labelled pixels of one compartment, grouped by object.
+
+    Pixels are sorted by object (raster order inside an object), so each present object is
+    one contiguous run and per-object reductions are `np.ufunc.reduceat` calls.
+    """
+
+    dense: np.ndarray  # (Y, X) int32: 0 background, k + 1 for ids[k]
+    counts: np.ndarray  # (n,) pixels per object, 0 where the object is absent
+    present: np.ndarray  # (n,) bool
+    order: np.ndarray  # flat indices of labelled pixels, sorted by object
+    run: np.ndarray  # per pixel: index of its object among the present ones
+    starts: np.ndarray  # start of each present object's run
+    rows: np.ndarray  # per pixel row
+    cols: np.ndarray  # per pixel column
+    area: np.ndarray  # per present object pixel count (float)
+    cy: np.ndarray  # per present object centroid row
+    cx: np.ndarray  # per present object centroid column
+
+    @classmethod
+    def build(cls, labels: np.ndarray, ids: np.ndarray) -> _Objects:
+        n = len(ids)
+        if _use_lut(labels):
+            top = int(labels.max()) if labels.size else 0
+            lut = np.zeros(top + 1, dtype=np.int32)
+            known = ids[ids <= top]
+            lut[known] = np.searchsorted(ids, known) + 1
+            dense = lut[labels]
+        else:
+            pos = np.minimum(np.searchsorted(ids, labels), max(n - 1, 0))
+            hit = (labels > 0) & (ids[pos] == labels) if n else np.zeros(labels.shape, bool)
+            dense = np.where(hit, pos + 1, 0).astype(np.int32)
+        flat = dense.ravel()
+        fg = np.flatnonzero(flat)
+        order = fg[_stable_argsort(flat[fg])]
+        counts = np.bincount(flat[order] - 1, minlength=n)[:n] if n else np.zeros(0, np.int64)
+        present = counts > 0
+        area = counts[present].astype(np.float64)
+        starts = np.cumsum(area).astype(np.int64) - counts[present]
+        run = np.repeat(np.arange(area.size), counts[present])
+        rows, cols = np.divmod(order, labels.shape[1])
+        if area.size:
+            cy = np.add.reduceat(rows.astype(np.float64), starts) / area
+            cx = np.add.reduceat(cols.astype(np.float64), starts) / area
+        else:
+            cy = cx = area
+        return cls(dense, counts, present, order, run, starts, rows, cols, area, cy, cx)
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """Per present object sum of per-pixel `values`."""
+        return np.add.reduceat(values, self.starts)
+
+    def full(self, per_object: np.ndarray) -> np.ndarray:
+        """Per present object values -> (n,) float array with NaN for absent objects."""
+        out = np.full(len(self.counts), np.nan)
+        out[self.present] = per_object
+        return out
+
+
+def _shape_features(obj: _Objects) -> dict[str, np.ndarray]:
+    if not obj.area.size:
+        return {f: obj.full(obj.area) for f in _SHAPE_FEATURES}
+    area, n = obj.area, len(obj.counts)
+    dy, dx = obj.rows - obj.cy[obj.run], obj.cols - obj.cx[obj.run]
+    var_r, var_c, cov = obj.sums(dy * dy) / area, obj.sums(dx * dx) / area, obj.sums(dy * dx) / area
+    # scikit-image's inertia tensor [[a, b], [b, c]], its eigenvalues and orientation.
+    a, b, c = var_c, -cov, var_r
+    root = np.sqrt(((a - c) / 2) ** 2 + b**2)
+    l1, l2 = (a + c) / 2 + root, np.maximum((a + c) / 2 - root, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eccentricity = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+    orientation = np.where(
+        a - c == 0, np.where(b < 0, np.pi / 4, -np.pi / 4), 0.5 * np.arctan2(-2 * b, c - a)
+    )
+    height = np.maximum.reduceat(obj.rows, obj.starts) - np.minimum.reduceat(obj.rows, obj.starts)
+    width = np.maximum.reduceat(obj.cols, obj.starts) - np.minimum.reduceat(obj.cols, obj.starts)
+    perimeter = _perimeter(obj.dense, n)[obj.present]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        form_factor = np.where(perimeter > 0, 4 * np.pi * area / perimeter**2, np.nan)
+    return {
+        "AreaShape_Area": obj.full(area),
+        "AreaShape_Perimeter": obj.full(perimeter),
+        "AreaShape_Eccentricity": obj.full(eccentricity),
+        "AreaShape_Solidity": obj.full(area / _convex_areas(obj)),
+        "AreaShape_Extent": obj.full(area / ((height + 1) * (width + 1))),
+        "AreaShape_MajorAxisLength": obj.full(4 * np.sqrt(l1)),
+        "AreaShape_MinorAxisLength": obj.full(4 * np.sqrt(l2)),
+        "AreaShape_Orientation": obj.full(np.degrees(orientation)),
+        "AreaShape_EquivalentDiameter": obj.full(np.sqrt(4 * area / np.pi)),
+        "AreaShape_EulerNumber": obj.full(_euler_8(obj.dense, n)[obj.present]),
+        "AreaShape_FormFactor": obj.full(form_factor),
+        # CellProfiler: mean squared distance to the centroid over area / 2π (disc = 1).
+        "AreaShape_Compactness": obj.full(2 * np.pi * (var_r + var_c) / area),
+        "Location_Center_X": obj.full(obj.cx),
+        "Location_Center_Y": obj.full(obj.cy),
+    }
+
+
+def _sort_within_runs(values: np.ndarray, run: np.ndarray) -> np.ndarray:
+    """Permutation sorting by (run, value); `run` is already non-decreasing.
+
+    8/16-bit images: two O(N) radix passes, exact.  Otherwise one float sort of
+    run + value scaled into [0, 0.5]: values closer than ~1e-12 of the range may swap, which
+    changes no quantile.
+    """
+    if values.dtype.kind in "bu" and values.dtype.itemsize <= 2:
+        by_value = _stable_argsort(values)
+        return by_value[_stable_argsort(run[by_value])]
+    as_float = values.astype(np.float64)
+    lo, span = float(as_float.min()), float(np.ptp(as_float))
+    return np.argsort(run + ((as_float - lo) / span * 0.5 if span > 0 else 0.0))
+
+
+def _shifted(padded: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """View of a 1-pixel-padded array shifted so that [y, x] holds the pixel at (y+dy, x+dx)."""
+    h, w = padded.shape[0] - 2, padded.shape[1] - 2
+    return padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+
+def _perimeter(dense: np.ndarray, n: int) -> np.ndarray:
+    """scikit-image's 4-neighbourhood perimeter of every object at once -> (n,).
+
+    Border pixels have a 4-neighbour outside their object (the image edge is outside); each
+    is weighted by its pattern of border neighbours of the same object.
+    """
+    padded = np.pad(dense, 1)
+    border = np.zeros(dense.shape, dtype=bool)
+    for dy, dx in _EDGE_OFFSETS:
+        border |= _shifted(padded, dy, dx) != dense
+    border &= dense > 0
+    # Work on the border pixels only, through flat indices into the padded arrays.
+    width = padded.shape[1]
+    rows, cols = np.nonzero(border)
+    at = (rows + 1) * width + (cols + 1)
+    flat_labels, flat_border = padded.ravel(), np.pad(border, 1).ravel()
+    label = flat_labels[at]
+    code = np.ones(at.size, dtype=np.int64)
+    for weight, offsets in ((2, _EDGE_OFFSETS), (10, _DIAGONAL_OFFSETS)):
+        for dy, dx in offsets:
+            nb = at + dy * width + dx
+            code += weight * (flat_border[nb] & (flat_labels[nb] == label))
+    return np.bincount(label, weights=_PERIMETER_WEIGHTS[code], minlength=n + 1)[1:]
+
+
+def _euler_8(dense: np.ndarray, n: int) -> np.ndarray:
+    """8-connected Euler number per object from bit-quad counts: (Q1 - Q3 - 2 QD) / 4.
+
+    Only 2x2 windows that are not uniform contribute, and each of those holds a pixel with a
+    neighbour of another label, so the windows around such pixels are all that is counted.
+    """
+    p = np.pad(dense, 1)
+    mixed = (p[:-1, :-1] != p[:-1, 1:]) | (p[:-1, :-1] != p[1:, :-1]) | (p[:-1, :-1] != p[1:, 1:])
+    top, left = np.nonzero(mixed)  # window top-left corners in padded coordinates
+    quad = (p[top, left], p[top, left + 1], p[top + 1, left], p[top + 1, left + 1])
+    total = np.zeros(n + 1)
+    for k, label in enumerate(quad):
+        # Count each label of a window once, at its first position (TL, TR, BL, BR).
+        first = label > 0
+        for earlier in quad[:k]:
+            first &= earlier != label
+        count = sum((other == label).astype(np.int8) for other in quad[k:])
+        if k == 0:
+            diagonal = (count == 2) & (quad[3] == label)
+        elif k == 1:
+            diagonal = (count == 2) & (quad[2] == label)
+        else:
+            diagonal = np.zeros_like(first)
+        weight = (count == 1).astype(np.float64) - (count == 3) - 2.0 * diagonal
+        total += np.bincount(label[first], weights=weight[first], minlength=n + 1)
+    return total[1:] / 4
+
+
+def _convex_areas(obj: _Objects) -> np.ndarray:
+    """scikit-image's convex area of every present object at once.
+
+    scikit-image (so CellProfiler) takes the hull of the midpoints of the object's pixel edges
+    and counts the pixel centres inside it or on it.  In doubled coordinates those midpoints
+    are lattice points, and only the leftmost and rightmost pixel of each row matter.  The two
+    sides are made convex chains, then each row's pixel centres between them are counted.
+    """
+    # Within an object the pixels are in raster order, so each (object, row) is one run.
+    key = obj.run * (int(obj.rows.max()) + 1) + obj.rows
+    first = np.flatnonzero(np.diff(key, prepend=-1))
+    run, row = obj.run[first], 2 * obj.rows[first].astype(np.int64)
+    left = 2 * np.minimum.reduceat(obj.cols, first).astype(np.int64)
+    right = 2 * np.maximum.reduceat(obj.cols, first).astype(np.int64)
+    sides = []
+    for col, out, pick in ((left, -1, np.minimum), (right, 1, np.maximum)):
+        # Edge midpoints of the extreme pixel: beside it, above it and below it.
+        r = np.concatenate([row, row - 1, row + 1])
+        c = np.concatenate([col + out, col, col])
+        o = np.concatenate([run, run, run])
+        order = np.lexsort((r, o))
+        r, c, o = r[order], c[order], o[order]
+        starts = np.flatnonzero(np.diff(o * (int(r.max()) + 3) + r + 1, prepend=-1))
+        r, o, c = r[starts], o[starts], pick.reduceat(c, starts)
+        sides.append(_convex_chain(o, r, c, sign=-out))
+    # Query every pixel row of every object's bounding box.
+    top = np.minimum.reduceat(obj.rows, obj.starts).astype(np.int64)
+    height = np.maximum.reduceat(obj.rows, obj.starts).astype(np.int64) - top + 1
+    q_run = np.repeat(np.arange(height.size), height)
+    q_row = 2 * (top[q_run] + np.arange(q_run.size) - np.repeat(np.cumsum(height) - height, height))
+    lo = _chain_at(*sides[0], q_run, q_row)
+    hi = _chain_at(*sides[1], q_run, q_row)
+    per_row = np.floor((hi + 1e-9) / 2) - np.ceil((lo - 1e-9) / 2) + 1
+    return np.bincount(q_run, weights=np.maximum(per_row, 0), minlength=height.size)
+
+
+def _chain_at(
+    run: np.ndarray, row: np.ndarray, col: np.ndarray, q_run: np.ndarray, q_row: np.ndarray
+) -> np.ndarray:
+    """Column of each object's chain at the query rows (linear between the vertices)."""
+    span = int(max(row.max(), q_row.max())) + 2
+    key = run * span + row
+    at = np.clip(np.searchsorted(key, q_run * span + q_row), 1, key.size - 1)
+    r0, r1, c0, c1 = row[at - 1], row[at], col[at - 1], col[at]
+    return c0 + (c1 - c0) * (q_row - r0) / (r1 - r0)
+
+
+def _convex_chain(
+    run: np.ndarray, row: np.ndarray, col: np.ndarray, sign: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convex chain of (row, col) points per object, rows strictly increasing in each run.
+
+    Every vertex on the wrong side of the segment joining its neighbours cannot be on the
+    hull; such vertices are dropped all at once until none is left.  sign=1 keeps the left
+    (smallest-column) side, sign=-1 the right one.
+    """
+    while True:
+        inner = np.zeros(run.size, dtype=bool)
+        inner[1:-1] = (run[:-2] == run[1:-1]) & (run[2:] == run[1:-1])
+        cross = np.zeros(run.size, dtype=np.int64)
+        cross[1:-1] = (row[1:-1] - row[:-2]) * (col[2:] - col[:-2]) - (col[1:-1] - col[:-2]) * (
+            row[2:] - row[:-2]
+        )
+        keep = ~(inner & (sign * cross <= 0))
+        if keep.all():
+            return run, row, col
+        run, row, col = run[keep], row[keep], col[keep]
+
+
+def _intensity_features(obj: _Objects, image: np.ndarray) -> dict[str, np.ndarray]:
+    if not obj.area.size:
+        return {f: obj.full(obj.area) for f in _INTENSITY_FEATURES}
+    raw = image.ravel()[obj.order]
+    scale = 1.0 / float(np.iinfo(image.dtype).max) if image.dtype.kind in "iu" else 1.0
+    values = raw.astype(np.float64) * scale
+    area, counts = obj.area, obj.counts[obj.present]
+    total = obj.sums(values)
+    mean = total / area
+    centred = values - mean[obj.run]
+    out = {
+        "IntegratedIntensity": total,
+        "MeanIntensity": mean,
+        "StdIntensity": np.sqrt(obj.sums(centred * centred) / area),
+        "MinIntensity": np.minimum.reduceat(values, obj.starts),
+        "MaxIntensity": np.maximum.reduceat(values, obj.starts),
+    }
+    # CellProfiler's quantiles: sort each object's pixels, take position n * q, interpolate.
+    ordered = values[_sort_within_runs(raw, obj.run)]
+    last = obj.starts + counts - 1
+    for feature, q in _QUANTILES:
+        position = obj.starts + counts * q
+        low = np.minimum(np.floor(position).astype(np.int64), last)
+        high = np.minimum(low + 1, last)
+        frac = position - low
+        out[feature] = np.where(
+            low < last, ordered[low] * (1 - frac) + ordered[high] * frac, ordered[low]
+        )
+    # Distance between the intensity-weighted and the plain centroid.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wy = obj.sums(obj.rows * values) / total
+        wx = obj.sums(obj.cols * values) / total
+    out["MassDisplacement"] = np.where(total > 0, np.hypot(wy - obj.cy, wx - obj.cx), np.nan)
+    return {f: obj.full(out[f]) for f in _INTENSITY_FEATURES}

@@ -26,18 +26,28 @@ _THRESHOLDS: dict[str, Callable[[np.ndarray], float]] = {
     "triangle": filters.threshold_triangle,
 }
 
-# Robust normalisation percentiles: clipping the brightest 0.1 % keeps a few saturated specks
-# from dragging a global threshold upwards.
-_NORM_PERCENTILES = (0.5, 99.9)
+# Offset added before a log transform, as a fraction of the normalised range: large enough that
+# camera noise around zero does not dominate the log histogram.
+_LOG_OFFSET = 0.01
+
+# Percentile taken as the black level: the few darkest pixels (dead pixels, stitching seams)
+# must not set the zero of the log transform.  The bright end is the maximum, not a percentile,
+# so a field with a single nucleus is not stretched until its noise looks like objects.
+_BLACK_PERCENTILE = 0.5
 
 
 class NucleiOptions(BaseModel):
-    """Parameters of `segment_nuclei`; lengths are in micrometres."""
+    """Parameters of `segment_nuclei`; lengths are in micrometres.
+
+    Defaults were chosen on all 140 DSB2018 images at an assumed 0.5 µm/px (AP@0.5 0.74;
+    0.73 at 0.4 or 0.6 µm/px), without per-image tuning.  Compared with CellProfiler's
+    defaults, the lowered threshold (0.8) and a wide diameter range gained most.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    min_diameter_um: float = Field(4.0, gt=0, description="smallest nucleus kept")
-    max_diameter_um: float = Field(30.0, gt=0, description="largest nucleus kept")
+    min_diameter_um: float = Field(3.0, gt=0, description="smallest nucleus kept")
+    max_diameter_um: float = Field(40.0, gt=0, description="largest nucleus kept")
     smoothing_sigma_um: float | None = Field(
         None,
         ge=0,
@@ -45,7 +55,13 @@ class NucleiOptions(BaseModel):
     )
     threshold_method: ThresholdMethod = "otsu"
     threshold_correction: float = Field(
-        1.0, gt=0, description="multiplies the automatic threshold (CellProfiler's correction)"
+        0.8,
+        gt=0,
+        description="multiplies the automatic threshold (CellProfiler's correction factor); "
+        "below 1 keeps the dim rim of each nucleus that a plain Otsu split cuts off",
+    )
+    log_transform: bool = Field(
+        False, description="threshold the log of the image (for a wide range of brightness)"
     )
     seed_h_um: float = Field(
         0.5,
@@ -82,9 +98,14 @@ class CellOptions(BaseModel):
     )
     threshold_method: ThresholdMethod = "otsu"
     threshold_correction: float = Field(1.0, gt=0)
+    log_transform: bool = Field(
+        True,
+        description="threshold the log of the stain: cell-body stains span a wide range of "
+        "brightness and a linear Otsu split drops the dim cells",
+    )
     smoothing_sigma_um: float = Field(1.0, ge=0, description="Gaussian sigma on the cell stain")
     regularization: float = Field(
-        0.05,
+        0.01,
         ge=0,
         description="weight of distance against intensity gradient (CellProfiler's propagation "
         "lambda): 0 follows image edges only, large values approach a Voronoi split",
@@ -115,7 +136,7 @@ def segment_nuclei(
         opts.smoothing_sigma_um if opts.smoothing_sigma_um is not None else opts.min_diameter_um / 8
     ) * um
     smooth = filters.gaussian(norm, sigma=sigma) if sigma > 0 else norm
-    mask = _threshold(smooth, opts.threshold_method, opts.threshold_correction)
+    mask = _threshold(smooth, opts.threshold_method, opts.threshold_correction, opts.log_transform)
     if opts.fill_holes:
         mask = ndi.binary_fill_holes(mask)
     if not mask.any():
@@ -123,9 +144,9 @@ def segment_nuclei(
 
     dist = ndi.distance_transform_edt(mask)
     seeds = morphology.h_maxima(dist, opts.seed_h_um * um).astype(bool) & mask
-    # Merge seeds closer than half the smallest diameter: two maxima that close belong to one
+    # Merge seeds closer than the smallest diameter: two maxima that close belong to one
     # nucleus with an irregular outline, not to two nuclei.
-    radius = max(int(round(min_d / 4)), 1)
+    radius = max(round(min_d / 2), 1)
     merged, _ = ndi.label(ndi.binary_dilation(seeds, morphology.disk(radius)) & mask)
     markers = np.where(seeds, merged, 0)
     objects = segmentation.watershed(-dist, markers, mask=mask)
@@ -182,14 +203,14 @@ def segment_cells(
         return segmentation.expand_labels(seeds, distance=reach).astype(np.uint32)
     sigma = opts.smoothing_sigma_um / pixel_size_um
     smooth = filters.gaussian(norm, sigma=sigma) if sigma > 0 else norm
-    foreground = _threshold(smooth, opts.threshold_method, opts.threshold_correction)
+    foreground = _threshold(
+        smooth, opts.threshold_method, opts.threshold_correction, opts.log_transform
+    )
     mask = (foreground & near) | (seeds > 0)
+    # Marker pixels keep their label in a watershed, so each cell contains its nucleus.
     cells = segmentation.watershed(
         filters.sobel(smooth), seeds, mask=mask, compactness=opts.regularization
     )
-    # The flood keeps marker pixels, but a nucleus cut off from the mask by another seed would
-    # lose nothing; re-stamp nuclei anyway so containment holds by construction.
-    cells = np.where(seeds > 0, seeds, cells)
     return cells.astype(np.uint32)
 
 
@@ -232,14 +253,14 @@ def _check_labels(labels: np.ndarray, what: str) -> np.ndarray:
         raise InputDataError(f"{what} labels must be 2-D (Y, X), got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
         raise InputDataError(f"{what} labels must be integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise InputDataError(f"{what} labels contain negative ids")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.uint32).max):
+        raise InputDataError(f"{what} label ids must lie in 0..2**32-1")
     return arr.astype(np.int64)
 
 
 def _normalise(image: np.ndarray) -> np.ndarray | None:
-    """Scale to [0, 1] between robust percentiles; None when the image has no contrast."""
-    lo, hi = np.percentile(image, _NORM_PERCENTILES)
+    """Scale to [0, 1] from a robust black level to the maximum; None when there is no contrast."""
+    lo, hi = float(np.percentile(image, _BLACK_PERCENTILE)), float(image.max())
     if hi <= lo:
         lo, hi = float(image.min()), float(image.max())
         if hi <= lo:
@@ -247,5 +268,10 @@ def _normalise(image: np.ndarray) -> np.ndarray | None:
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _threshold(image: np.ndarray, method: str, correction: float) -> np.ndarray:
-    return image > _THRESHOLDS[method](image) * correction
+def _threshold(image: np.ndarray, method: str, correction: float, log: bool) -> np.ndarray:
+    """Foreground of a [0, 1] image; the correction factor scales the linear threshold."""
+    if log:
+        level = float(np.exp(_THRESHOLDS[method](np.log(image + _LOG_OFFSET)))) - _LOG_OFFSET
+    else:
+        level = float(_THRESHOLDS[method](image))
+    return image > level * correction

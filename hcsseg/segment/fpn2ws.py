@@ -39,6 +39,7 @@ from hcsseg.segment.training import (
     seed_everything,
     select_device,
     split_train_val,
+    transfer_weights,
 )
 
 
@@ -123,19 +124,28 @@ def train_fpn2ws(
     options: FPN2WSOptions | None = None,
     init_state: StateDict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train both FPNs on (image, labels) pairs; `init_state` resumes from a saved pair.
+    """Train both FPNs on (image, labels) pairs.
 
-    Returns the CPU state dict (keys `distance.*`, `border.*`) and the training history."""
+    `init_state` is either a saved FPN2-WS pair (training resumes from it) or any smp model
+    with the same encoder, e.g. a plate's virtual-staining U-Net, whose encoder then
+    initialises both FPNs. Returns the CPU state dict (keys `distance.*`, `border.*`) and
+    the training history."""
     opts = options or FPN2WSOptions()
     imgs, labs = check_pairs(images, labels)
     lo, hi = opts.train.normalize_percentiles
     norm = [normalize_percentile(im, lo, hi) for im in imgs]
     targets = [fpn2ws_targets(lab, opts.border_sigma) for lab in labs]
     rng = seed_everything(opts.train.seed)
-    if init_state is None:
+    init = opts.init
+    if init_state is None or not any(k.startswith("distance.") for k in init_state):
         model: nn.Module = build_model(norm[0].shape[0], opts)
+        if init_state is not None:
+            for net in (model.distance, model.border):
+                transfer_weights(net, init_state, prefixes=("encoder.",), what="init_state")
+            init = "encoder of init_state"
     else:
         model = _load(init_state, opts)
+        init = "resumed from init_state"
         want = first_conv_in_channels(model.state_dict(), prefix="distance.encoder.")
         if want != norm[0].shape[0]:
             raise ModelError(
@@ -151,7 +161,7 @@ def train_fpn2ws(
     )
     loss: LossFn = _loss
     history = fit(model, loss, sampler, opts.train, val_sampler=val)
-    history |= {"in_channels": norm[0].shape[0], "n_images": len(norm), "init": opts.init}
+    history |= {"in_channels": norm[0].shape[0], "n_images": len(norm), "init": init}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, history
 
 

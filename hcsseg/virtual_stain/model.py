@@ -76,6 +76,7 @@ class VirtualStainModel:
     history: dict[str, Any]
     train_keys: list[str]
     val_keys: list[str]
+    target_range: tuple[float, float] | None = None  # median raw target at the percentiles
 
     def card(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class VirtualStainModel:
             "normalisation": {
                 "method": "per-field percentile",
                 "percentiles": list(self.options.percentiles),
+                "target_range": list(self.target_range) if self.target_range else None,
             },
             "architecture": {
                 "arch": "unet",
@@ -154,11 +156,20 @@ def train_virtual_stain(
         normalize_percentile(t, lo, hi, name=f"field {k} target")
         for t, k in zip(targets, keys, strict=True)
     ]
-    for x, k in zip(xs, keys, strict=True):
+    for x, y, k in zip(xs, ys, keys, strict=True):
         if x.shape[0] != len(options.source_channels):
             raise InputDataError(
                 f"field {k}: {x.shape[0]} source channels, expected {options.source_channels}"
             )
+        if y.shape != (1, *x.shape[1:]):
+            raise InputDataError(
+                f"field {k}: target {options.target_channel!r} has shape {y.shape[-2:]} "
+                f"but the source channels are {x.shape[1:]}; expected one (Y, X) plane of that size"
+            )
+    # Raw target intensities behind 0 and 1, for the card: what "1.0" meant in this plate.
+    target_range = np.median(
+        [np.percentile(np.asarray(t, np.float32), (lo, hi)) for t in targets], axis=0
+    )
     train_opts = options.training
     rng = seed_everything(train_opts.seed)
     if len(xs) == 1:
@@ -176,7 +187,9 @@ def train_virtual_stain(
     sampler = CropSampler(train_x, train_y, train_opts.crop_size, rng)
     val_sampler = CropSampler(val_x, val_y, train_opts.crop_size, np.random.default_rng(1))
     history = fit(net, torch.nn.functional.l1_loss, sampler, train_opts, val_sampler=val_sampler)
-    return VirtualStainModel(net, options, history, train_keys, val_keys)
+    return VirtualStainModel(
+        net, options, history, train_keys, val_keys, tuple(float(v) for v in target_range)
+    )
 
 
 def predict_virtual_stain(
