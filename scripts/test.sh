@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check hcsseg flows tests bench
+.venv/bin/ruff check hcsseg flows tests bench deployments
 export PREFECT_HOME=$(mktemp -d)
 .venv/bin/python -m pytest "$@"

@@ -125,12 +125,22 @@ def test_gpu_work_runs_locally_without_a_gpu_deployment(monkeypatch):
         submit_gpu_work(None, {})
 
 
-def test_process_plate_on_a_local_dask_cluster(tmp_path):
-    """Plans, well tasks and the flow-run id cross process boundaries intact."""
+@pytest.mark.parametrize(
+    "processes",
+    [
+        # in-process Dask workers: the runner plumbing, in seconds
+        False,
+        # worker processes: plans and well tasks cross process boundaries (each worker
+        # imports hcsseg: 15-90 s on 2 busy cores)
+        pytest.param(True, marks=pytest.mark.slow),
+    ],
+)
+def test_process_plate_on_a_local_dask_cluster(tmp_path, processes):
     plate = synthetic_plate(
         tmp_path / "d.zarr", wells=("B02",), fields_per_well=1, shape=(128, 128)
     )
-    runner = build_task_runner(TaskRunnerConfig(kind="dask", max_workers=1))
+    cfg = TaskRunnerConfig(kind="dask", max_workers=1, cluster_kwargs={"processes": processes})
+    runner = build_task_runner(cfg)
     result = process_plate.with_options(task_runner=runner)(plate.url)
     cells = read_table(result["output"], "cells")
     assert result["wells"] == 1 and result["cells"] == len(cells) > 0
