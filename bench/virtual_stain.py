@@ -3,22 +3,29 @@
 (a) isl-phase-dapi: 13 phase-contrast z-planes -> DAPI. Train on the left two thirds of
     the field (cut into 4 pseudo-fields, one held out for early stopping), score on the
     right third, which training never saw.
-(b) dense-cells: CD3/CD4/CD8 surface stain -> DAPI. Split by microscope position, never by
-    image: the three Position8 images share one DAPI image, so all three train. Test =
-    JML_Position9_CD3 and CFL_Position13_CD3 (one per donor); train = the other 5.
+(b) dense-cells: surface stain -> DAPI. Split by microscope position, never by image. Test =
+    JML_Position9_CD3 and CFL_Position13_CD3 (one per donor). A plate has one staining
+    protocol, so by default the model learns from the other CD3 images only (Position10,
+    Position8, CFL_Position7; one of them validates); `--dense-train all` adds the CD4 and
+    CD8 images of Position8, which share Position8's DAPI image.
 
 Scores: Pearson correlation (PCC) with the real DAPI and nucleus-marker FN/FP rates
 (one-to-one matching of LoG markers; 15 µm as in the annotation-free segmentation paper,
 and 5 µm, because in dense tissue 15 µm spans several nuclei and matches almost anything),
 for the model and, in the same run, for the trivial baseline "Gaussian-smoothed mean of the
-normalised source channels". Rates are pooled over the test images (unmatched / total).
+normalised source channels" (σ = 2 px, fixed before looking at the test images; the best σ
+of 1, 2, 4, 8 picked on the test images is reported too, as an optimistic baseline). On
+dense-cells DAPI also stains nuclei of cells the surface marker does not label, which no
+model can see; for scale we report the PCC of the expert's T-cell masks, smoothed.
+Rates are pooled over the test images (unmatched / total).
 Timing: wall and CPU seconds per training step and per megapixel of prediction.
 
 Pixel sizes are not in the files and are assumed 0.5 µm/px for both sets: ISL Table 1
 lists 500 nm after processing for its condition A, and the nuclei here measure ~20-25 px
 (≈ 10-12 µm neuron nuclei); dense-cells T cells measure ~15 px (≈ 7 µm).
 
-    python bench/virtual_stain.py [--steps 600] [--threads 1] [--sets isl dense]
+    python bench/virtual_stain.py [--steps N] [--threads 1] [--sets isl dense]
+                                  [--dense-train cd3|all]
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 RADII_UM = (15.0, 5.0)
 DENSE_TEST = ("M872956_JML_Position9_CD3", "M926910_CFL_Position13_CD3")
+BASELINE_SIGMAS = (1.0, 2.0, 4.0, 8.0)
+# Blob thresholds swept on the predicted image (the real DAPI keeps the default), so a
+# model is not judged on one operating point of the detector: best marker F1 at 5 µm.
+SWEEP_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -71,18 +82,43 @@ def score(pred: np.ndarray, real: np.ndarray, px: float, markers: MarkerOptions)
     for radius in RADII_UM:
         pairs, _, _ = match_markers(pred_m, real_m, max_distance_px=radius / px)
         out[f"n_matched_{radius:g}um"] = len(pairs)
+    sweep = {}
+    for threshold in SWEEP_THRESHOLDS:
+        opts = markers.model_copy(update={"threshold": threshold})
+        found = detect_markers(pred, pixel_size_um=px, options=opts)[["y", "x"]].to_numpy()
+        pairs, _, _ = match_markers(found, real_m, max_distance_px=RADII_UM[-1] / px)
+        sweep[f"{threshold:g}"] = {"n_virtual": len(found), "n_matched": len(pairs)}
+    out["threshold_sweep_5um"] = sweep
     return out
 
 
-def pooled(rows: list[dict], kind: str) -> dict[str, float]:
+def pooled(rows: list[dict], kind: str) -> dict[str, Any]:
     n_real = sum(r[kind]["n_markers_real"] for r in rows)
     n_virt = sum(r[kind]["n_markers_virtual"] for r in rows)
-    out = {"pcc_mean": float(np.mean([r[kind]["pcc"] for r in rows]))}
+    out: dict[str, Any] = {"pcc_mean": float(np.mean([r[kind]["pcc"] for r in rows]))}
     for radius in RADII_UM:
         matched = sum(r[kind][f"n_matched_{radius:g}um"] for r in rows)
         out[f"fn_rate_{radius:g}um"] = 1 - matched / n_real if n_real else float("nan")
         out[f"fp_rate_{radius:g}um"] = 1 - matched / n_virt if n_virt else float("nan")
+    f1 = {}
+    for t in rows[0][kind]["threshold_sweep_5um"]:
+        matched = sum(r[kind]["threshold_sweep_5um"][t]["n_matched"] for r in rows)
+        found = sum(r[kind]["threshold_sweep_5um"][t]["n_virtual"] for r in rows)
+        f1[t] = 2 * matched / (n_real + found) if n_real + found else float("nan")
+    best = max(f1, key=f1.__getitem__)
+    out["marker_f1_5um_by_threshold"] = f1
+    out["best_marker_f1_5um"] = {"threshold": float(best), "f1": f1[best]}
     return out
+
+
+def best_sigma(rows: list[dict]) -> dict[str, float]:
+    """The smoothing that suits the test images best: an optimistic, test-tuned baseline."""
+    means = {
+        sigma: float(np.mean([r["baseline_pcc_by_sigma"][sigma] for r in rows]))
+        for sigma in rows[0]["baseline_pcc_by_sigma"]
+    }
+    sigma = max(means, key=means.__getitem__)
+    return {"sigma": float(sigma), "pcc_mean": means[sigma]}
 
 
 def run_set(
@@ -94,6 +130,8 @@ def run_set(
     options: VirtualStainOptions,
     px: float,
     markers: MarkerOptions,
+    ceilings: list[np.ndarray] | None = None,
+    save_dir: Path | None = None,
 ) -> dict:
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -104,19 +142,26 @@ def run_set(
     steps = model.history["steps"]
     rows = []
     pred_wall = pred_cpu = megapixels = 0.0
-    for key, (source, real) in zip(test_keys, test, strict=True):
+    for i, (key, (source, real)) in enumerate(zip(test_keys, test, strict=True)):
         t1, c1 = time.perf_counter(), time.process_time()
         pred = predict_virtual_stain(model.network, source, options)
         pred_wall += time.perf_counter() - t1
         pred_cpu += time.process_time() - c1
+        if save_dir is not None:
+            np.save(save_dir / f"{name}_{i}.npy", pred)
         megapixels += real.size / 1e6
-        rows.append(
-            {
-                "image": key,
-                "model": score(pred, real, px, markers),
-                "baseline": score(baseline(source), real, px, markers),
-            }
-        )
+        row = {
+            "image": key,
+            "model": score(pred, real, px, markers),
+            "baseline": score(baseline(source), real, px, markers),
+            "baseline_pcc_by_sigma": {
+                f"{sigma:g}": pearson_correlation(baseline(source, sigma), real.astype(np.float32))
+                for sigma in BASELINE_SIGMAS
+            },
+        }
+        if ceilings is not None:
+            row["ceiling_pcc"] = pearson_correlation(ceilings[i], real.astype(np.float32))
+        rows.append(row)
     return {
         "set": name,
         "train_fields": model.train_keys,
@@ -135,7 +180,9 @@ def run_set(
         "predict_wall_seconds_per_megapixel": pred_wall / megapixels,
         "predict_cpu_seconds_per_megapixel": pred_cpu / megapixels,
         "load_average_before_after": [load0, os.getloadavg()],
-        "summary": {kind: pooled(rows, kind) for kind in ("model", "baseline")},
+        "summary": {kind: pooled(rows, kind) for kind in ("model", "baseline")}
+        | {"baseline_best_sigma": best_sigma(rows)}
+        | ({"ceiling_pcc_mean": np.mean([r["ceiling_pcc"] for r in rows])} if ceilings else {}),
         "per_image": rows,
         "options": options.model_dump(mode="json"),
         "marker_options": markers.model_dump(mode="json"),
@@ -143,16 +190,11 @@ def run_set(
 
 
 def training_options(args: argparse.Namespace, val_fraction: float) -> TrainOptions:
-    return TrainOptions(
-        n_steps=args.steps,
-        batch_size=args.batch,
-        crop_size=args.crop,
-        learning_rate=args.lr,
-        val_fraction=val_fraction,
-        val_every=50,
-        patience=6,
-        val_crops=16,
-    )
+    """The product's defaults (what `hcsseg virtual-stain` trains), unless overridden."""
+    overrides = {"val_fraction": val_fraction, "val_crops": args.val_crops}
+    if args.steps is not None:
+        overrides["n_steps"] = args.steps
+    return VirtualStainOptions(source_channels=["x"]).training.model_copy(update=overrides)
 
 
 def isl_set(args: argparse.Namespace) -> dict:
@@ -176,7 +218,15 @@ def isl_set(args: argparse.Namespace) -> dict:
     )
     test = [(phase[:, :, cut:], dapi[:, cut:])]
     return run_set(
-        "isl-phase-dapi", train, keys, test, [f"x>={cut}"], options, 0.5, MarkerOptions()
+        "isl-phase-dapi",
+        train,
+        keys,
+        test,
+        [f"x>={cut}"],
+        options,
+        0.5,
+        MarkerOptions(),
+        save_dir=args.save_predictions,
     )
 
 
@@ -189,12 +239,21 @@ def dense_set(args: argparse.Namespace) -> dict:
             src / f"{stem}_dapi.tif"
         )
 
-    train_stems = [s for s in stems if s not in DENSE_TEST]
+    test_stain = {s.rsplit("_", 1)[1] for s in DENSE_TEST}
+    train_stems = [
+        s
+        for s in stems
+        if s not in DENSE_TEST and (args.dense_train == "all" or s.rsplit("_", 1)[1] in test_stain)
+    ]
     options = VirtualStainOptions(
         source_channels=["surface"],
         encoder_name=args.encoder,
         training=training_options(args, 0.2),
     )
+    ceilings = [
+        ndi.gaussian_filter((tifffile.imread(src / f"{s}_lab.tif") > 0).astype(np.float32), 3)
+        for s in DENSE_TEST
+    ]
     markers = MarkerOptions(min_diameter_um=3.0, max_diameter_um=10.0)
     return run_set(
         "dense-cells",
@@ -205,6 +264,8 @@ def dense_set(args: argparse.Namespace) -> dict:
         options,
         0.5,
         markers,
+        ceilings,
+        save_dir=args.save_predictions,
     )
 
 
@@ -218,15 +279,22 @@ def table_row(result: dict) -> str:
     ]
     for key in ("pcc_mean", "fn_rate_15um", "fp_rate_15um", "fn_rate_5um", "fp_rate_5um"):
         cells.append(f"{m[key]:.3f} / {b[key]:.3f}")
+    f1m, f1b = m["best_marker_f1_5um"], b["best_marker_f1_5um"]
+    cells.append(f"{f1m['f1']:.3f} / {f1b['f1']:.3f}")
+    best = result["summary"]["baseline_best_sigma"]
+    cells.append(f"{best['pcc_mean']:.3f} (σ {best['sigma']:g})")
+    cells.append(f"{result['summary'].get('ceiling_pcc_mean', float('nan')):.3f}")
     return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=None, help="default: the product's")
+    parser.add_argument("--dense-train", choices=["cd3", "all"], default="cd3")
+    parser.add_argument("--val-crops", type=int, default=32)
+    parser.add_argument(
+        "--save-predictions", type=Path, default=None, help="folder for the predicted images"
+    )
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sets", nargs="+", default=["isl", "dense"], choices=["isl", "dense"])
@@ -250,8 +318,9 @@ def main() -> None:
         "rates are pooled over the test images; s/step is CPU / wall seconds per training",
         "step (batch of crops), s/MPx the CPU seconds per megapixel of prediction.",
         "",
-        "| set | steps | s/step | s/MPx | PCC | FN 15 µm | FP 15 µm | FN 5 µm | FP 5 µm |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | steps | s/step | s/MPx | PCC | FN 15 µm | FP 15 µm | FN 5 µm | FP 5 µm "
+        "| best marker F1 5 µm | PCC best-σ baseline | PCC T-cell masks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = {"isl": isl_set, "dense": dense_set}
     for key in args.sets:

@@ -255,7 +255,9 @@ def virtual_stain_cmd(
     model_id: Annotated[
         str | None, typer.Option(help="use this stored model instead of training")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="training steps (default 600)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="training steps (default 1500, stops early)")
+    ] = None,
     encoder: Annotated[str, typer.Option(help="U-Net encoder (resnet18, densenet121, ...)")] = (
         "resnet18"
     ),
