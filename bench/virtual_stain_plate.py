@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from scipy import ndimage as ndi
+from virtual_stain import baseline  # the same baseline as bench/virtual_stain.py
 
 from hcsseg.config import ProcessConfig
 from hcsseg.export.tables import read_table
@@ -31,7 +31,6 @@ from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import plate_from_arrays
 from hcsseg.markers.qc import marker_qc
-from hcsseg.segment.training import normalize_percentile
 from hcsseg.virtual_stain.model import VirtualStainOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig
 
@@ -95,8 +94,7 @@ def main() -> None:
             if ref.path not in hidden:
                 continue
             virtual = plate.read_channels(ref, ["DAPI_virtual"])[0]
-            source = plate.read_channels(ref, phase_names)
-            base = ndi.gaussian_filter(normalize_percentile(source).mean(axis=0), 2.0)
+            base = baseline(plate.read_channels(ref, phase_names))
             unstained.append(
                 {
                     "field": ref.path,
@@ -121,8 +119,8 @@ def main() -> None:
         matched = sum(r[kind]["n_matched"] for r in unstained)
         return {
             "pcc_mean": float(np.mean([r[kind]["pcc"] for r in unstained])),
-            "fn_rate": 1 - matched / real,
-            "fp_rate": 1 - matched / virt,
+            "fn_rate": 1 - matched / real if real else float("nan"),
+            "fp_rate": 1 - matched / virt if virt else float("nan"),
             "n_markers_real": real,
         }
 
