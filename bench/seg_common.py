@@ -101,6 +101,8 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     write_summary()
+    for k, v in payload["methods"].items():
+        print(f"{k}: AP50 {v['ap50_image_mean']:.3f}  mAP {v['ap_mean_image_mean']:.3f}")
     return path
 
 

@@ -175,8 +175,6 @@ def main() -> None:
             ],
         },
     )
-    for k, v in methods.items():
-        print(f"{k}: AP50 {v['ap50_image_mean']:.3f}  mAP {v['ap_mean_image_mean']:.3f}")
 
 
 if __name__ == "__main__":

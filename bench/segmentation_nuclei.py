@@ -7,6 +7,9 @@ thread). Writes bench/results/segmentation_nuclei.json and segmentation.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from seg_common import DATA, environment, hash_order, load_pairs, score, setup, timed, write_result
 
@@ -26,6 +29,35 @@ UNET_STEPS, FPN_STEPS = 250, 120
 def median_diameter(labels: np.ndarray) -> float:
     area = np.bincount(labels.ravel())[1:]
     return float(np.sqrt(4 * np.median(area[area > 0]) / np.pi))
+
+
+def learned(
+    train: Callable[..., Any],
+    segment: Callable[..., np.ndarray],
+    options: Any,
+    training: tuple[list[np.ndarray], list[np.ndarray]],
+    test_images: list[np.ndarray],
+    truths: list[np.ndarray],
+    test: list[str],
+    *,
+    note: str,
+) -> dict:
+    """Train one learned method, segment the test fields, score them, timed."""
+    rec: dict = {}
+    with timed(rec, "train"):
+        state, hist = train(*training, options=options)
+    with timed(rec, "predict"):
+        preds = [segment(state, image, options=options) for image in test_images]
+    final_loss = round(float(np.mean(hist["loss"][-20:])), 4)
+    return (
+        score(preds, truths, test)
+        | rec
+        | {
+            "steps": hist["steps"],
+            "final_loss": final_loss,
+            "note": note,
+        }
+    )
 
 
 def main() -> None:
@@ -56,37 +88,29 @@ def main() -> None:
     unet = DistanceUNetOptions(
         train=TrainOptions(n_steps=UNET_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3),
     )
-    rec = {}
-    with timed(rec, "train"):
-        state, hist = train_distance_unet(images, labels, options=unet)
-    with timed(rec, "predict"):
-        preds = [segment_distance_unet(state, data[s]["img"], options=unet) for s in test]
-    methods["distance U-Net (resnet18, random init)"] = (
-        score(preds, truths, test)
-        | rec
-        | {
-            "steps": hist["steps"],
-            "final_loss": round(float(np.mean(hist["loss"][-20:])), 4),
-            "note": f"{UNET_STEPS} steps x 8 crops of 128 px, α = {unet.foreground_weight}",
-        }
+    methods["distance U-Net (resnet18, random init)"] = learned(
+        train_distance_unet,
+        segment_distance_unet,
+        unet,
+        (images, labels),
+        [data[s]["img"] for s in test],
+        truths,
+        test,
+        note=f"{UNET_STEPS} steps x 8 crops of 128 px, α = {unet.foreground_weight}",
     )
 
     fpn = FPN2WSOptions(
         train=TrainOptions(n_steps=FPN_STEPS, batch_size=8, crop_size=128, learning_rate=2e-3)
     )
-    rec = {}
-    with timed(rec, "train"):
-        state, hist = train_fpn2ws(images, labels, options=fpn)
-    with timed(rec, "predict"):
-        preds = [segment_fpn2ws(state, data[s]["img"], options=fpn) for s in test]
-    methods["FPN2-WS (2 x FPN resnet18, random init)"] = (
-        score(preds, truths, test)
-        | rec
-        | {
-            "steps": hist["steps"],
-            "final_loss": round(float(np.mean(hist["loss"][-20:])), 4),
-            "note": f"{FPN_STEPS} steps x 8 crops of 128 px",
-        }
+    methods["FPN2-WS (2 x FPN resnet18, random init)"] = learned(
+        train_fpn2ws,
+        segment_fpn2ws,
+        fpn,
+        (images, labels),
+        [data[s]["img"] for s in test],
+        truths,
+        test,
+        note=f"{FPN_STEPS} steps x 8 crops of 128 px",
     )
 
     best = max(methods, key=lambda k: methods[k]["ap50_image_mean"])
@@ -113,8 +137,6 @@ def main() -> None:
             ],
         },
     )
-    for k, v in methods.items():
-        print(f"{k}: AP50 {v['ap50_image_mean']:.3f}  mAP {v['ap_mean_image_mean']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,15 @@ def dataset(shared_data: Path, name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data set {name} not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core runner, two threads contending with other jobs
+    made these trainings 10-30x slower (thread barriers waiting on preempted threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

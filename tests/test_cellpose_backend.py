@@ -1,28 +1,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.segment import cellpose_backend
 from hcsseg.segment.cellpose_backend import finetune_cellpose, run_cellpose
 from tests.conftest import dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core runner, two threads contending with other jobs
-    made these trainings 10-30x slower (thread barriers waiting on preempted threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 pytest.importorskip("cellpose")

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,7 @@ from hcsseg.segment.training import TrainOptions, transfer_weights, validate_lab
 from hcsseg.virtual_stain.model import VirtualStainOptions, build_network
 from tests.conftest import dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core runner, two threads contending with other jobs
-    made these trainings 10-30x slower (thread barriers waiting on preempted threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL_DECODER = (64, 32, 16, 16, 8)

@@ -26,6 +26,16 @@ FAST = {
 }
 
 
+# Distance U-Net on the plate's surface stain "CD", taught by the labels "cells_gt".
+DISTANCE_UNET = TrainConfig(
+    compartment="cells",
+    method="distance_unet",
+    input_channels=["CD"],
+    truth="cells_gt",
+    options=FAST,
+)
+
+
 @pytest.fixture
 def dense_plate(shared_data, tmp_path):
     """4 crops (256²) of two dense-cells images with their expert cell labels as cells_gt."""
@@ -54,14 +64,7 @@ def dense_plate(shared_data, tmp_path):
 
 
 def test_train_segment_evaluate_distance_unet(dense_plate, tmp_path):
-    config = TrainConfig(
-        compartment="cells",
-        method="distance_unet",
-        input_channels=["CD"],
-        truth="cells_gt",
-        options=FAST,
-    )
-    trained = train_plate(dense_plate.url, config)
+    trained = train_plate(dense_plate.url, DISTANCE_UNET)
     card_dir = tmp_path / "dense_models" / trained["model_id"]
     assert (card_dir / "model_card.json").exists() and (card_dir / "weights.safetensors").exists()
 
@@ -111,14 +114,7 @@ def test_model_errors_are_clear(dense_plate, tmp_path):
         channels=["GFP"],
         pixel_size_um=0.5,
     )
-    config = TrainConfig(
-        compartment="cells",
-        method="distance_unet",
-        input_channels=["CD"],
-        truth="cells_gt",
-        options=FAST,
-    )
-    trained = train_plate(dense_plate.url, config)
+    trained = train_plate(dense_plate.url, DISTANCE_UNET)
     store = str(tmp_path / "dense_models")
     with pytest.raises(ModelError, match=r"trained on channels \['CD'\]"):
         process_plate(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,7 @@ from hcsseg.segment.unsupervised import (
 )
 from tests.conftest import dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core runner, two threads contending with other jobs
-    made these trainings 10-30x slower (thread barriers waiting on preempted threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 STEM = "M872956_JML_Position8_CD3"
