@@ -48,6 +48,7 @@ from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import match_markers
 from hcsseg.segment.training import TrainOptions, normalize_percentile
 from hcsseg.virtual_stain.model import (
+    VIRTUAL_RANGE,
     VirtualStainOptions,
     predict_virtual_stain,
     train_virtual_stain,
@@ -70,10 +71,26 @@ def baseline(source: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     return ndi.gaussian_filter(normalize_percentile(source).mean(axis=0), sigma)
 
 
-def score(pred: np.ndarray, real: np.ndarray, px: float, markers: MarkerOptions) -> dict:
-    """PCC plus marker counts at each matching radius (counts pool over images)."""
-    real_m = detect_markers(real, pixel_size_um=px, options=markers)[["y", "x"]].to_numpy()
-    pred_m = detect_markers(pred, pixel_size_um=px, options=markers)[["y", "x"]].to_numpy()
+def score(
+    pred: np.ndarray,
+    real: np.ndarray,
+    px: float,
+    markers: MarkerOptions,
+    pred_range: tuple[float, float] | None = None,
+) -> dict:
+    """PCC plus marker counts at each matching radius (counts pool over images).
+
+    Real markers come from each test image's own percentiles (the test images are full of
+    nuclei); the model's from its calibrated units (`pred_range`), as in the product."""
+
+    def found(
+        image: np.ndarray, opts: MarkerOptions, value_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
+        table = detect_markers(image, pixel_size_um=px, options=opts, value_range=value_range)
+        return table[["y", "x"]].to_numpy()
+
+    real_m = found(real, markers)
+    pred_m = found(pred, markers, pred_range)
     out: dict[str, Any] = {
         "pcc": pearson_correlation(pred, real.astype(np.float32)),
         "n_markers_real": len(real_m),
@@ -84,10 +101,9 @@ def score(pred: np.ndarray, real: np.ndarray, px: float, markers: MarkerOptions)
         out[f"n_matched_{radius:g}um"] = len(pairs)
     sweep = {}
     for threshold in SWEEP_THRESHOLDS:
-        opts = markers.model_copy(update={"threshold": threshold})
-        found = detect_markers(pred, pixel_size_um=px, options=opts)[["y", "x"]].to_numpy()
-        pairs, _, _ = match_markers(found, real_m, max_distance_px=RADII_UM[-1] / px)
-        sweep[f"{threshold:g}"] = {"n_virtual": len(found), "n_matched": len(pairs)}
+        swept = found(pred, markers.model_copy(update={"threshold": threshold}), pred_range)
+        pairs, _, _ = match_markers(swept, real_m, max_distance_px=RADII_UM[-1] / px)
+        sweep[f"{threshold:g}"] = {"n_virtual": len(swept), "n_matched": len(pairs)}
     out["threshold_sweep_5um"] = sweep
     return out
 
@@ -152,7 +168,7 @@ def run_set(
         megapixels += real.size / 1e6
         row = {
             "image": key,
-            "model": score(pred, real, px, markers),
+            "model": score(pred, real, px, markers, VIRTUAL_RANGE),
             "baseline": score(baseline(source), real, px, markers),
             "baseline_pcc_by_sigma": {
                 f"{sigma:g}": pearson_correlation(baseline(source, sigma), real.astype(np.float32))
@@ -197,6 +213,12 @@ def training_options(args: argparse.Namespace, val_fraction: float) -> TrainOpti
     return VirtualStainOptions(source_channels=["x"]).training.model_copy(update=overrides)
 
 
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.foreground_crops is None:
+        return {}
+    return {"foreground_crops": args.foreground_crops}
+
+
 def isl_set(args: argparse.Namespace) -> dict:
     src = DATA / "isl-phase-dapi"
     names = json.loads((src / "channels.json").read_text())["channels"]
@@ -215,6 +237,7 @@ def isl_set(args: argparse.Namespace) -> dict:
         source_channels=phase_names,
         encoder_name=args.encoder,
         training=training_options(args, 0.25),
+        **model_overrides(args),
     )
     test = [(phase[:, :, cut:], dapi[:, cut:])]
     return run_set(
@@ -249,6 +272,7 @@ def dense_set(args: argparse.Namespace) -> dict:
         source_channels=["surface"],
         encoder_name=args.encoder,
         training=training_options(args, 0.2),
+        **model_overrides(args),
     )
     ceilings = [
         ndi.gaussian_filter((tifffile.imread(src / f"{s}_lab.tif") > 0).astype(np.float32), 3)
@@ -296,6 +320,9 @@ def main() -> None:
         "--save-predictions", type=Path, default=None, help="folder for the predicted images"
     )
     parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument(
+        "--foreground-crops", type=float, default=None, help="default: the product's (0.5)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sets", nargs="+", default=["isl", "dense"], choices=["isl", "dense"])
     parser.add_argument("--tag", default="cpu")

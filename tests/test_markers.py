@@ -55,6 +55,19 @@ def test_empty_and_bad_images():
         MarkerOptions(min_diameter_um=10, max_diameter_um=5)
 
 
+def test_known_scale_keeps_an_empty_field_empty():
+    """Scaled by its own percentiles, a field of pure noise turns into blobs; on the scale
+    of the stain (0 = background, 1 = bright nucleus) it has none, while real nuclei on
+    that scale are still found."""
+    noise = np.random.default_rng(0).normal(0.0, 0.01, (200, 200)).astype(np.float32)
+    assert len(detect_markers(noise, pixel_size_um=1.0)) > 5
+    assert detect_markers(noise, pixel_size_um=1.0, value_range=(0.0, 1.0)).empty
+    nuclei = noise + _blobs([(50, 50), (120, 150)])
+    assert len(detect_markers(nuclei, pixel_size_um=1.0, value_range=(0.0, 1.0))) == 2
+    with pytest.raises(InputDataError, match="value range"):
+        detect_markers(nuclei, pixel_size_um=1.0, value_range=(1.0, 1.0))
+
+
 def test_matching_is_one_to_one_within_distance():
     true = np.array([[0, 0], [0, 10], [50, 50]])
     pred = np.array([[0, 4], [0, 6], [90, 90], [1, 11]])

@@ -20,7 +20,9 @@ from hcsseg.segment.training import TrainOptions
 from hcsseg.virtual_stain.model import (
     VirtualStainOptions,
     build_network,
+    card_target_range,
     network_from_state,
+    plate_target_range,
     predict_virtual_stain,
     train_virtual_stain,
 )
@@ -81,11 +83,51 @@ def test_training_loss_falls(trained):
     assert set(trained.train_keys) | set(trained.val_keys) == set("abcd")
     card = trained.card()
     assert card["source_channels"] == PHASE and card["validation_fields"] == trained.val_keys
+    assert card_target_range(card) == trained.target_range
     # The card is enough to rebuild the network: same weights, same prediction.
     rebuilt = network_from_state(trained.network.state_dict(), card)
     x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 64, 64), np.float32))
     with torch.no_grad():
         assert torch.equal(rebuilt(x), trained.network.eval()(x))
+
+
+def test_plate_scale_keeps_sparse_fields_dark(isl):
+    """The bottom-left quarter of the ISL field has almost no nucleus: its own percentiles
+    would stretch background noise over the whole 0-1 range; the plate-wide range keeps it
+    dark and maps the nuclei of the populated quarters near 1."""
+    _, dapi = isl
+    fields = [dapi[y : y + 256, x : x + 256] for y in (0, 256) for x in (512, 0)]
+    lo, hi = plate_target_range(fields, list("abcd"), 1.0, 99.8)
+    sparse = fields[3]
+    own_lo, own_hi = np.percentile(sparse, (1.0, 99.8))
+    assert np.mean((sparse - own_lo) / (own_hi - own_lo)) > 0.1  # stretched noise
+    assert np.mean((sparse - lo) / (hi - lo)) < 0.02
+    populated = (fields[0] - lo) / (hi - lo)
+    assert 0.8 < np.percentile(populated, 99.9) <= 1.05
+    with pytest.raises(InputDataError, match="no contrast"):
+        plate_target_range([np.full((32, 32), 7.0)] * 2, ["a", "b"], 1.0, 99.8)
+
+
+def test_foreground_crops_find_a_sparse_nucleus():
+    """One nucleus in a 300² field: uniform crops rarely hold it, weighted crops do, and
+    with no foreground share the sampler draws exactly what it always drew."""
+    from hcsseg.segment.training import CropSampler
+
+    target = np.zeros((1, 300, 300), np.float32)
+    target[0, 200:210, 40:50] = 1.0
+    image = np.random.default_rng(0).random((2, 300, 300), np.float32)
+
+    def share_with_nucleus(foreground: float) -> float:
+        sampler = CropSampler([image], [target], 64, np.random.default_rng(0), foreground)
+        _, y = sampler.sample(200)
+        return float((y.amax(dim=(1, 2, 3)) > 0).float().mean())
+
+    assert share_with_nucleus(0.0) < 0.15
+    assert share_with_nucleus(1.0) == 1.0
+    assert 0.35 < share_with_nucleus(0.5) < 0.65
+    plain = CropSampler([image], [target], 64, np.random.default_rng(3)).sample(4)
+    zero = CropSampler([image], [target], 64, np.random.default_rng(3), 0.0).sample(4)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero, strict=True))
 
 
 def test_tiled_prediction_matches_one_tile_without_seams(trained, isl):

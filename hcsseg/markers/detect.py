@@ -45,20 +45,38 @@ class MarkerOptions(BaseModel):
         return self
 
 
-def _normalised(image: np.ndarray) -> np.ndarray | None:
+# A known-scale image is stretched by its own percentiles at most this much: enough for a
+# faint, under-confident virtual stain, too little to turn an empty field's noise into blobs.
+MAX_STRETCH = 4.0
+
+
+def _normalised(image: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray | None:
     arr = np.asarray(image, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise InputDataError("nucleus image has NaN or infinite pixels")
-    lo, hi = np.percentile(arr, (1.0, 99.8))
+    lo, hi = (float(v) for v in np.percentile(arr, (1.0, 99.8)))
+    if value_range is not None:
+        if not value_range[1] > value_range[0]:
+            raise InputDataError(f"marker value range must rise, got {value_range}")
+        hi = max(hi, lo + (value_range[1] - value_range[0]) / MAX_STRETCH)
     if hi <= lo:
         return None
     return np.clip((arr - lo) / (hi - lo), 0, 1.5)
 
 
 def detect_markers(
-    image: np.ndarray, *, pixel_size_um: float, options: MarkerOptions | None = None
+    image: np.ndarray,
+    *,
+    pixel_size_um: float,
+    options: MarkerOptions | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per detected nucleus centre: pixel and micrometre coordinates, size, strength."""
+    """One row per detected nucleus centre: pixel and micrometre coordinates, size, strength.
+
+    Each image is scaled by its own 1st/99.8th percentiles, which in a field without nuclei
+    stretches noise into blobs; `value_range`, the intensities of background and a bright
+    nucleus when they are known (a virtual stain, or the plate-wide range of a real stain),
+    caps that stretch at `MAX_STRETCH`."""
     opts = options or MarkerOptions()
     if image.ndim != 2:
         raise InputDataError(f"markers need a 2-D image, got shape {image.shape}")
@@ -67,7 +85,7 @@ def detect_markers(
     empty = pd.DataFrame({c: pd.Series(dtype=float) for c in MARKER_COLUMNS})
     if image.size == 0:
         return empty
-    norm = _normalised(image)
+    norm = _normalised(image, value_range)
     if norm is None:
         return empty
     to_px = 1.0 / pixel_size_um

@@ -62,10 +62,19 @@ def marker_qc(
     pixel_size_um: float,
     max_distance_um: float = 15.0,
     marker_options: MarkerOptions | None = None,
+    virtual_range: tuple[float, float] | None = None,
+    real_range: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """PCC and marker FN/FP rates of a virtual nucleus image against the real stain."""
-    real_m = detect_markers(real, pixel_size_um=pixel_size_um, options=marker_options)
-    virt_m = detect_markers(virtual, pixel_size_um=pixel_size_um, options=marker_options)
+    """PCC and marker FN/FP rates of a virtual nucleus image against the real stain.
+
+    The ranges are the intensities of background and bright nucleus in each image, when
+    known (see `detect_markers`)."""
+    real_m = detect_markers(
+        real, pixel_size_um=pixel_size_um, options=marker_options, value_range=real_range
+    )
+    virt_m = detect_markers(
+        virtual, pixel_size_um=pixel_size_um, options=marker_options, value_range=virtual_range
+    )
     pairs, fn, fp = match_markers(
         virt_m[["y", "x"]].to_numpy(),
         real_m[["y", "x"]].to_numpy(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from hcsseg.errors import InputDataError, ModelError
 from hcsseg.segment.training import (
     CropSampler,
     TrainOptions,
+    as_channels_first,
     build_smp_model,
     fit,
     normalize_percentile,
@@ -33,6 +34,8 @@ from hcsseg.segment.training import (
 )
 
 KIND = "virtual_stain"
+# Predictions are in normalised target units: background 0, a bright nucleus 1.
+VIRTUAL_RANGE = (0.0, 1.0)
 
 
 def _default_training() -> TrainOptions:
@@ -64,7 +67,22 @@ class VirtualStainOptions(BaseModel):
     )
     decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16, 8])
     training: TrainOptions = Field(default_factory=_default_training)
+    foreground_crops: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of training crops centred where the nucleus stain is bright; "
+        "on a sparse plate uniform crops are mostly background and the model learns to "
+        "predict nothing",
+    )
     percentiles: tuple[float, float] = (1.0, 99.8)
+    target_normalisation: Literal["plate", "field"] = Field(
+        "plate",
+        description="'plate': one target intensity range for all training fields, so a "
+        "field with few nuclei keeps a dark background (per-field percentiles would stretch "
+        "its noise to full range and teach the model a bright haze); 'field': per-field "
+        "percentiles, for plates whose nucleus stain exposure varies between fields",
+    )
     tile: int = Field(512, description="prediction tile size (multiple of 32)")
     overlap: int = Field(64, description="prediction tile overlap, blended")
 
@@ -78,14 +96,15 @@ class VirtualStainModel:
     history: dict[str, Any]
     train_keys: list[str]
     val_keys: list[str]
-    target_range: tuple[float, float] | None = None  # median raw target at the percentiles
+    target_range: tuple[float, float] | None = None  # raw target intensities behind 0 and 1
 
     def card(self) -> dict[str, Any]:
         return {
             "source_channels": self.options.source_channels,
             "target_channel": self.options.target_channel,
             "normalisation": {
-                "method": "per-field percentile",
+                "source": "per-field percentile",
+                "target": f"per-{self.options.target_normalisation} percentile",
                 "percentiles": list(self.options.percentiles),
                 "target_range": list(self.target_range) if self.target_range else None,
             },
@@ -102,6 +121,15 @@ class VirtualStainModel:
             "history": {k: v for k, v in self.history.items() if k != "loss"},
             "final_train_loss": float(np.mean(self.history["loss"][-20:])),
         }
+
+
+def card_target_range(card: dict[str, Any]) -> tuple[float, float] | None:
+    """Raw target intensities the model learnt as 0 and 1, if one range held plate-wide."""
+    norm = card.get("normalisation") or {}
+    if norm.get("target") != "per-plate percentile" or not norm.get("target_range"):
+        return None
+    lo, hi = norm["target_range"]
+    return float(lo), float(hi)
 
 
 def build_network(options: VirtualStainOptions) -> torch.nn.Module:
@@ -154,10 +182,21 @@ def train_virtual_stain(
         normalize_percentile(s, lo, hi, name=f"field {k} source")
         for s, k in zip(sources, keys, strict=True)
     ]
-    ys = [
-        normalize_percentile(t, lo, hi, name=f"field {k} target")
-        for t, k in zip(targets, keys, strict=True)
-    ]
+    if options.target_normalisation == "plate":
+        target_range = plate_target_range(targets, keys, lo, hi)
+        t_lo, t_hi = target_range
+        ys = [
+            ((as_channels_first(t, name=f"field {k} target") - t_lo) / (t_hi - t_lo))
+            for t, k in zip(targets, keys, strict=True)
+        ]
+    else:
+        ys = [
+            normalize_percentile(t, lo, hi, name=f"field {k} target")
+            for t, k in zip(targets, keys, strict=True)
+        ]
+        # Informational only: the median raw intensities behind 0 and 1.
+        med = np.median([np.percentile(np.asarray(t, np.float32), (lo, hi)) for t in targets], 0)
+        target_range = (float(med[0]), float(med[1]))
     for x, y, k in zip(xs, ys, keys, strict=True):
         if x.shape[0] != len(options.source_channels):
             raise InputDataError(
@@ -168,10 +207,6 @@ def train_virtual_stain(
                 f"field {k}: target {options.target_channel!r} has shape {y.shape[-2:]} "
                 f"but the source channels are {x.shape[1:]}; expected one (Y, X) plane of that size"
             )
-    # Raw target intensities behind 0 and 1, for the card: what "1.0" meant in this plate.
-    target_range = np.median(
-        [np.percentile(np.asarray(t, np.float32), (lo, hi)) for t in targets], axis=0
-    )
     train_opts = options.training
     rng = seed_everything(train_opts.seed)
     if len(xs) == 1:
@@ -186,12 +221,36 @@ def train_virtual_stain(
     net = build_network(options)
     if init_state is not None:
         transfer_weights(net, init_state, prefixes=("",), what="the initial model")
-    sampler = CropSampler(train_x, train_y, train_opts.crop_size, rng)
+    sampler = CropSampler(
+        train_x, train_y, train_opts.crop_size, rng, foreground=options.foreground_crops
+    )
     val_sampler = CropSampler(val_x, val_y, train_opts.crop_size, np.random.default_rng(1))
     history = fit(net, torch.nn.functional.l1_loss, sampler, train_opts, val_sampler=val_sampler)
-    return VirtualStainModel(
-        net, options, history, train_keys, val_keys, tuple(float(v) for v in target_range)
-    )
+    return VirtualStainModel(net, options, history, train_keys, val_keys, target_range)
+
+
+def plate_target_range(
+    targets: Sequence[np.ndarray], keys: Sequence[str], low: float, high: float
+) -> tuple[float, float]:
+    """Target intensities that become 0 and 1 for the whole plate.
+
+    0 is the median of the fields' `low` percentiles (the usual background); 1 is the
+    `high` percentile of all fields' pixels pooled, i.e. a bright nucleus wherever in the
+    plate the nuclei are. Pixels are subsampled to at most ~1 M per field to bound memory."""
+    lows, pooled = [], []
+    for t, k in zip(targets, keys, strict=True):
+        arr = as_channels_first(t, name=f"field {k} target")
+        lows.append(float(np.percentile(arr, low)))
+        stride = max(1, arr.size // 1_000_000)
+        pooled.append(arr.ravel()[::stride])
+    t_lo, t_hi = float(np.median(lows)), float(np.percentile(np.concatenate(pooled), high))
+    if t_hi <= t_lo:
+        raise InputDataError(
+            f"the target channel has no contrast in the training fields {list(keys)[:5]}"
+            f"{' ...' if len(keys) > 5 else ''}: its {high} percentile ({t_hi}) is not above "
+            f"the background ({t_lo})"
+        )
+    return t_lo, t_hi
 
 
 def predict_virtual_stain(

@@ -32,7 +32,9 @@ from hcsseg.model_store import (
 )
 from hcsseg.virtual_stain.model import (
     KIND,
+    VIRTUAL_RANGE,
     VirtualStainOptions,
+    card_target_range,
     network_from_state,
     predict_virtual_stain,
     to_storage,
@@ -184,6 +186,9 @@ def predict_well(
     state, card = load_model(config.store(plan.plate_url), model_id)
     opts = config.model
     network = network_from_state(state, card)
+    # Real and virtual markers on the plate-wide scale the model learnt, so a field without
+    # nuclei yields none instead of its stretched noise.
+    real_range = card_target_range(card)
     markers_tables, qc_rows = [], []
     for ref in plate.fields(well):
         names = plate.channel_names(ref)
@@ -197,8 +202,12 @@ def predict_well(
         px = plate.pixel_size_um(ref)
         has_real = opts.target_channel in names
         nucleus = plate.read_channels(ref, [opts.target_channel])[0] if has_real else None
-        marker_image = nucleus if nucleus is not None else prediction
-        markers = detect_markers(marker_image, pixel_size_um=px, options=config.markers)
+        markers = detect_markers(
+            nucleus if nucleus is not None else prediction,
+            pixel_size_um=px,
+            options=config.markers,
+            value_range=real_range if nucleus is not None else VIRTUAL_RANGE,
+        )
         meta = {
             "Metadata_Plate": plan.plate_name,
             "Metadata_Well": ref.well,
@@ -229,6 +238,8 @@ def predict_well(
                 pixel_size_um=px,
                 max_distance_um=config.match_distance_um,
                 marker_options=config.markers,
+                virtual_range=VIRTUAL_RANGE,
+                real_range=real_range,
             )
             token = "".join(ch for ch in opts.target_channel if ch.isalnum())
             row.update(
