@@ -73,7 +73,7 @@ class VirtualStainOptions(BaseModel):
         le=1,
         description="share of training crops centred where the nucleus stain is bright; "
         "on a sparse plate uniform crops are mostly background and the model learns to "
-        "predict nothing",
+        "predict nothing; 0 suits dense tissue, where every crop holds nuclei",
     )
     percentiles: tuple[float, float] = (1.0, 99.8)
     target_normalisation: Literal["plate", "field"] = Field(
@@ -104,7 +104,7 @@ class VirtualStainModel:
             "target_channel": self.options.target_channel,
             "normalisation": {
                 "source": "per-field percentile",
-                "target": f"per-{self.options.target_normalisation} percentile",
+                "target": self.options.target_normalisation,  # "plate" or "field" percentile
                 "percentiles": list(self.options.percentiles),
                 "target_range": list(self.target_range) if self.target_range else None,
             },
@@ -126,7 +126,7 @@ class VirtualStainModel:
 def card_target_range(card: dict[str, Any]) -> tuple[float, float] | None:
     """Raw target intensities the model learnt as 0 and 1, if one range held plate-wide."""
     norm = card.get("normalisation") or {}
-    if norm.get("target") != "per-plate percentile" or not norm.get("target_range"):
+    if norm.get("target") != "plate" or not norm.get("target_range"):
         return None
     lo, hi = norm["target_range"]
     return float(lo), float(hi)
