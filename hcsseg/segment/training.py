@@ -236,7 +236,6 @@ class CropSampler:
             totals = np.array([w.sum() for w in weights])
             self.cdf = [np.cumsum(w.ravel()) for w in weights]
             self.fg_p = totals / totals.sum() if totals.sum() > 0 else None
-            self.fg_shape = [w.shape for w in weights]
 
     def _corner(self, k: int, weighted: bool) -> tuple[int, int]:
         h, w = self.images[k].shape[1:]
@@ -246,7 +245,8 @@ class CropSampler:
             return y0, x0
         cdf = self.cdf[k]
         flat = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        gy, gx = np.unravel_index(min(flat, cdf.size - 1), self.fg_shape[k])
+        grid_shape = (-(-h // self.GRID), -(-w // self.GRID))  # that of t[::GRID, ::GRID]
+        gy, gx = np.unravel_index(min(flat, cdf.size - 1), grid_shape)
         cy = gy * self.GRID + int(self.rng.integers(self.GRID))
         cx = gx * self.GRID + int(self.rng.integers(self.GRID))
         y0 = int(np.clip(cy - self.crop // 2, 0, h - self.crop))

@@ -182,21 +182,24 @@ def train_virtual_stain(
         normalize_percentile(s, lo, hi, name=f"field {k} source")
         for s, k in zip(sources, keys, strict=True)
     ]
+    # Checked float32 copies, scaled in place below.
+    ys = [
+        as_channels_first(t, name=f"field {k} target") for t, k in zip(targets, keys, strict=True)
+    ]
     if options.target_normalisation == "plate":
-        target_range = plate_target_range(targets, keys, lo, hi)
+        target_range = plate_target_range(ys, keys, lo, hi)
         t_lo, t_hi = target_range
-        ys = [
-            ((as_channels_first(t, name=f"field {k} target") - t_lo) / (t_hi - t_lo))
-            for t, k in zip(targets, keys, strict=True)
-        ]
+        for y in ys:
+            y -= t_lo
+            y /= t_hi - t_lo
     else:
-        ys = [
-            normalize_percentile(t, lo, hi, name=f"field {k} target")
-            for t, k in zip(targets, keys, strict=True)
-        ]
         # Informational only: the median raw intensities behind 0 and 1.
-        med = np.median([np.percentile(np.asarray(t, np.float32), (lo, hi)) for t in targets], 0)
+        med = np.median([np.percentile(y, (lo, hi)) for y in ys], axis=0)
         target_range = (float(med[0]), float(med[1]))
+        ys = [
+            normalize_percentile(y, lo, hi, name=f"field {k} target")
+            for y, k in zip(ys, keys, strict=True)
+        ]
     for x, y, k in zip(xs, ys, keys, strict=True):
         if x.shape[0] != len(options.source_channels):
             raise InputDataError(
@@ -238,8 +241,8 @@ def plate_target_range(
     `high` percentile of all fields' pixels pooled, i.e. a bright nucleus wherever in the
     plate the nuclei are. Pixels are subsampled to at most ~1 M per field to bound memory."""
     lows, pooled = [], []
-    for t, k in zip(targets, keys, strict=True):
-        arr = as_channels_first(t, name=f"field {k} target")
+    for t in targets:
+        arr = np.asarray(t, dtype=np.float32)
         lows.append(float(np.percentile(arr, low)))
         stride = max(1, arr.size // 1_000_000)
         pooled.append(arr.ravel()[::stride])
