@@ -2,7 +2,7 @@
 cell-segmentation U-Net from a virtual-staining U-Net help when few fields are annotated?
 
 For 1 and 5 annotated training fields (the first by SHA-1 order, as in
-segmentation_dense_cells.py; test = the same 2 fields), the distance U-Net segments cells
+accuracy.py's dense section; test = the same 2 fields), the distance U-Net segments cells
 from the surface stain alone, starting either from random weights or from a U-Net with the
 same encoder and decoder first trained to predict DAPI from the surface stain of those
 training fields (no annotation needed for that step). Same seed and step budget for both.
@@ -26,7 +26,10 @@ from hcsseg.virtual_stain.model import VirtualStainOptions, train_virtual_stain
 
 VS_STEPS, SEG_STEPS = 150, 200
 TRAIN_OPTS = TrainOptions(n_steps=SEG_STEPS, batch_size=4, crop_size=128, learning_rate=2e-3)
-SEG_OPTS = DistanceUNetOptions(train=TRAIN_OPTS)  # resnet18, decoder as virtual staining's
+# resnet18, decoder as virtual staining's; native scale, as the virtual-staining U-Net sees it
+SEG_OPTS = DistanceUNetOptions(
+    train=TRAIN_OPTS, canonical_diameter=None, tta=False, tune_postprocessing=False
+)
 
 
 def pretrain_virtual_staining(

@@ -77,8 +77,10 @@ def score(
     px: float,
     markers: MarkerOptions,
     pred_range: tuple[float, float] | None = None,
+    cells: np.ndarray | None = None,
 ) -> dict:
-    """PCC plus marker counts at each matching radius (counts pool over images).
+    """PCC plus marker counts at each matching radius (counts pool over images); with
+    `cells` (labels of the cells the source stain shows) also the cell-level counts.
 
     Real markers come from each test image's own percentiles (the test images are full of
     nuclei); the model's from its calibrated units (`pred_range`), as in the product."""
@@ -96,6 +98,8 @@ def score(
         "n_markers_real": len(real_m),
         "n_markers_virtual": len(pred_m),
     }
+    if cells is not None:
+        out |= cell_marker_counts(pred_m, cells)
     for radius in RADII_UM:
         pairs, _, _ = match_markers(pred_m, real_m, max_distance_px=radius / px)
         out[f"n_matched_{radius:g}um"] = len(pairs)
@@ -106,6 +110,20 @@ def score(
         sweep[f"{threshold:g}"] = {"n_virtual": len(swept), "n_matched": len(pairs)}
     out["threshold_sweep_5um"] = sweep
     return out
+
+
+def cell_marker_counts(markers: np.ndarray, cells: np.ndarray) -> dict[str, int]:
+    """What a marker is for on a surface-stain plate: one per cell the stain shows.
+
+    Recall counts labelled cells holding at least one marker, precision markers that fall
+    inside a labelled cell (DAPI-based scores punish markers on cells no stain shows)."""
+    pos = np.rint(markers).astype(int) if len(markers) else np.empty((0, 2), int)
+    hit = cells[pos[:, 0], pos[:, 1]] if len(pos) else np.empty(0, cells.dtype)
+    return {
+        "n_cells": int(len(np.unique(cells)) - (1 if (cells == 0).any() else 0)),
+        "n_cells_with_marker": len(np.unique(hit[hit > 0])),
+        "n_markers_in_cell": int((hit > 0).sum()),
+    }
 
 
 def pooled(rows: list[dict], kind: str) -> dict[str, Any]:
@@ -122,6 +140,11 @@ def pooled(rows: list[dict], kind: str) -> dict[str, Any]:
         found = sum(r[kind]["threshold_sweep_5um"][t]["n_virtual"] for r in rows)
         f1[t] = 2 * matched / (n_real + found) if n_real + found else float("nan")
     best = max(f1, key=f1.__getitem__)
+    if "n_cells" in rows[0][kind]:
+        n_cells = sum(r[kind]["n_cells"] for r in rows)
+        out["cell_marker_recall"] = sum(r[kind]["n_cells_with_marker"] for r in rows) / n_cells
+        inside = sum(r[kind]["n_markers_in_cell"] for r in rows)
+        out["cell_marker_precision"] = inside / n_virt if n_virt else float("nan")
     out["marker_f1_5um_by_threshold"] = f1
     out["best_marker_f1_5um"] = {"threshold": float(best), "f1": f1[best]}
     return out
@@ -148,6 +171,7 @@ def run_set(
     markers: MarkerOptions,
     ceilings: list[np.ndarray] | None = None,
     save_dir: Path | None = None,
+    cells: list[np.ndarray] | None = None,
 ) -> dict:
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -166,10 +190,11 @@ def run_set(
         if save_dir is not None:
             np.save(save_dir / f"{name}_{i}.npy", pred)
         megapixels += real.size / 1e6
+        lab = cells[i] if cells is not None else None
         row = {
             "image": key,
-            "model": score(pred, real, px, markers, VIRTUAL_RANGE),
-            "baseline": score(baseline(source), real, px, markers),
+            "model": score(pred, real, px, markers, VIRTUAL_RANGE, lab),
+            "baseline": score(baseline(source), real, px, markers, cells=lab),
             "baseline_pcc_by_sigma": {
                 f"{sigma:g}": pearson_correlation(baseline(source, sigma), real.astype(np.float32))
                 for sigma in BASELINE_SIGMAS
@@ -214,9 +239,10 @@ def training_options(args: argparse.Namespace, val_fraction: float) -> TrainOpti
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    if args.foreground_crops is None:
-        return {}
-    return {"foreground_crops": args.foreground_crops}
+    out: dict[str, Any] = {"target_mode": args.target_mode}
+    if args.foreground_crops is not None:
+        out["foreground_crops"] = args.foreground_crops
+    return out
 
 
 def isl_set(args: argparse.Namespace) -> dict:
@@ -290,6 +316,7 @@ def dense_set(args: argparse.Namespace) -> dict:
         markers,
         ceilings,
         save_dir=args.save_predictions,
+        cells=[tifffile.imread(src / f"{s}_lab.tif") for s in DENSE_TEST],
     )
 
 
@@ -303,6 +330,8 @@ def table_row(result: dict) -> str:
     ]
     for key in ("pcc_mean", "fn_rate_15um", "fp_rate_15um", "fn_rate_5um", "fp_rate_5um"):
         cells.append(f"{m[key]:.3f} / {b[key]:.3f}")
+    for key in ("cell_marker_recall", "cell_marker_precision"):
+        cells.append(f"{m[key]:.3f} / {b[key]:.3f}" if key in m else "–")
     f1m, f1b = m["best_marker_f1_5um"], b["best_marker_f1_5um"]
     cells.append(f"{f1m['f1']:.3f} / {f1b['f1']:.3f}")
     best = result["summary"]["baseline_best_sigma"]
@@ -324,9 +353,11 @@ def main() -> None:
         "--foreground-crops", type=float, default=None, help="default: the product's (0.5)"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--target-mode", choices=["intensity", "mask"], default="intensity")
     parser.add_argument("--sets", nargs="+", default=["isl", "dense"], choices=["isl", "dense"])
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     machine = {
         "cpu": platform.processor() or platform.machine(),
@@ -346,8 +377,9 @@ def main() -> None:
         "step (batch of crops), s/MPx the CPU seconds per megapixel of prediction.",
         "",
         "| set | steps | s/step | s/MPx | PCC | FN 15 µm | FP 15 µm | FN 5 µm | FP 5 µm "
-        "| best marker F1 5 µm | PCC best-σ baseline | PCC T-cell masks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cell recall | cell precision | best marker F1 5 µm | PCC best-σ baseline "
+        "| PCC T-cell masks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = {"isl": isl_set, "dense": dense_set}
     for key in args.sets:

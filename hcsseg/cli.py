@@ -156,7 +156,20 @@ def info(plate_url: Annotated[str, typer.Argument(help="plate path")]) -> None:
 def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     from hcsseg.config import ProcessConfig
 
-    data: dict[str, Any] = json.loads(path.read_text()) if path else {}
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise HcssegError(f"config file {path} does not exist or is not a file")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HcssegError(f"config file {path} is not readable JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HcssegError(
+                f"config file {path} holds a JSON {type(data).__name__}; expected an object of "
+                "ProcessConfig options"
+            )
+    # flags given on the command line win over the file; flags not given never do
     data.update({k: v for k, v in overrides.items() if v is not None})
     return ProcessConfig.model_validate(data)
 
@@ -175,14 +188,24 @@ def process(
         str | None, typer.Option(help="folder for Parquet tables (default: <plate>_tables)")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="JSON file with all options (see docs/config)")
+        Path | None,
+        typer.Option(help="JSON file with ProcessConfig options (README: Configuration)"),
     ] = None,
     nuclei_method: Annotated[
-        str, typer.Option(help="classical, distance_unet, fpn2ws or cellpose")
-    ] = "classical",
+        str | None,
+        typer.Option(help="classical (default), distance_unet, fpn2ws or cellpose"),
+    ] = None,
     cells_method: Annotated[
-        str, typer.Option(help="classical, distance_unet, unsupervised or cellpose")
-    ] = "classical",
+        str | None,
+        typer.Option(help="classical (default), distance_unet, unsupervised or cellpose"),
+    ] = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(
+            help="pixel size in µm, overriding the plate's (default: each field's scale is "
+            "estimated from its nuclei for the classical methods)"
+        ),
+    ] = None,
     virtual_source: Annotated[
         list[str] | None,
         typer.Option(help="learn the nucleus channel from these channels first (virtual stain)"),
@@ -205,6 +228,7 @@ def process(
                 "output": output,
                 "nuclei_method": nuclei_method,
                 "cells_method": cells_method,
+                "pixel_size_um": pixel_size,
             },
         )
         if virtual_source:
@@ -306,18 +330,28 @@ def train(
         str | None, typer.Option(help="nucleus stain for pseudo-labels and markers")
     ] = None,
     init: Annotated[str, typer.Option(help="random, imagenet or virtual_stain")] = "random",
+    pseudo_labels: Annotated[
+        str,
+        typer.Option(
+            help="without --truth, cells are taught by classical cells grown from the nuclei "
+            "(propagation) or found in the cell stain alone (stain)"
+        ),
+    ] = "propagation",
     steps: Annotated[int | None, typer.Option(help="training steps")] = None,
     model_store: Annotated[str | None, typer.Option(help="model folder")] = None,
 ) -> None:
     """Train a segmentation model on this plate's ground truth, pseudo-labels or markers."""
     try:
         from hcsseg.model_training import TrainConfig
+        from hcsseg.segment.methods import OPTION_MODELS
 
         options: dict[str, Any] = {}
-        if steps is not None:
-            options = (
-                {"n_steps": steps} if method == "unsupervised" else {"train": {"n_steps": steps}}
-            )
+        if steps is not None and method == "unsupervised":
+            options = {"n_steps": steps}
+        elif steps is not None and method in OPTION_MODELS:
+            # only the step budget changes; the method's training recipe stays
+            recipe = OPTION_MODELS[method]().train.model_dump(mode="json")
+            options = {"train": recipe | {"n_steps": steps}}
         cfg = TrainConfig(
             compartment=compartment,  # type: ignore[arg-type]
             method=method,  # type: ignore[arg-type]
@@ -325,6 +359,7 @@ def train(
             truth=truth,
             nucleus_channel=nucleus_channel,
             init=init,  # type: ignore[arg-type]
+            cell_pseudo_labels=pseudo_labels,  # type: ignore[arg-type]
             options=options,
         )
         from flows.train_plate import train_plate

@@ -60,6 +60,22 @@ class ProcessConfig(BaseModel):
     model_store: str | None = Field(
         None, description="folder of trained models; default: <plate>_models beside the plate"
     )
+    pixel_size_um: float | None = Field(
+        None,
+        gt=0,
+        description="pixel size in micrometres for segmentation and features, overriding the "
+        "plate's metadata (and the per-field estimate)",
+    )
+    scale: Literal["estimate", "metadata"] = Field(
+        "estimate",
+        description="scale of the classical segmentation: 'estimate' reads each field's "
+        "typical nucleus diameter off the nucleus channel and takes it as typical_nucleus_um "
+        "(pixel sizes in metadata are often missing or wrong; the plate's value is used when a "
+        "field has no nuclei); 'metadata' trusts the plate's pixel size",
+    )
+    typical_nucleus_um: float = Field(
+        10.0, gt=0, description="nucleus diameter an estimated scale maps to, micrometres"
+    )
     nuclei: NucleiOptions = Field(default_factory=NucleiOptions)
     cells: CellOptions = Field(default_factory=CellOptions)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hcsseg.errors import ChannelNotFoundError, HcssegError, ModelError
 from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.model_store import latest_model, load_model, save_model
-from hcsseg.segment.classical import segment_cells, segment_nuclei
+from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
 from hcsseg.segment.methods import centroids, parse_options, train_method
 from hcsseg.segment.training import validate_labels
 from hcsseg.virtual_stain.model import KIND as VIRTUAL_KIND
@@ -48,6 +48,12 @@ class TrainConfig(BaseModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="method options, e.g. {'train': {'n_steps': 300}}"
     )
+    cell_pseudo_labels: Literal["propagation", "stain"] = Field(
+        "propagation",
+        description="classical cells that teach a cell model without ground truth: grown "
+        "from the nuclei (propagation), or found in the cell stain alone (stain: surface "
+        "stains that outline only some cells, e.g. CD3 among all DAPI nuclei)",
+    )
     max_fields: int = Field(32, ge=1)
     wells: list[str] | None = None
     pixel_size_um: float | None = Field(None, description="override the plate's pixel size")
@@ -73,6 +79,8 @@ def _pseudo_labels(plate: Plate, ref: FieldRef, config: TrainConfig) -> np.ndarr
     if config.compartment == "nuclei":
         return nuclei
     cell_image = plate.read_channels(ref, config.input_channels[:1])[0]
+    if config.cell_pseudo_labels == "stain":
+        return segment_cells_from_stain(cell_image, pixel_size_um=px)
     return segment_cells(nuclei, cell_image, pixel_size_um=px)
 
 
@@ -156,10 +164,18 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         state: dict = {}
         history: dict[str, Any] = {"loss": [float(x) for x in losses]}
     else:
+        if config.method == "distance_unet" and config.compartment == "cells":
+            # a cell's size cannot be read off a membrane stain: scale from the training fields
+            options.setdefault("scale_channel", None)
         state, history = train_method(
             config.method, images, targets, options=options, init_state=init
         )
-        card = {"options": parse_options(config.method, options).model_dump(mode="json")}
+        # post-processing picked on held-out training fields, the training fields' scale
+        tuned = parse_options(config.method, options).model_copy(
+            update=history.pop("tuned_options", {})
+        )
+        history.pop("snapshots", None)
+        card = {"options": tuned.model_dump(mode="json")}
     card |= {
         "method": config.method,
         "compartment": config.compartment,

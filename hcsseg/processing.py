@@ -32,6 +32,7 @@ from hcsseg.measure.features import channel_token, feature_columns, measure_obje
 from hcsseg.measure.quality import QUALITY_FEATURES, image_quality, quality_columns
 from hcsseg.model_store import check_card_channels, latest_model, load_model
 from hcsseg.segment.methods import Segmenter
+from hcsseg.segment.scale import pixel_size_from_objects
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +290,19 @@ def qc_schema(plan: PlatePlan) -> list[str]:
         "Image_Count_Cells",
         "Image_Width",
         "Image_Height",
+        "Metadata_SegmentationPixelSize",
         *quality,
     ]
+
+
+def segmentation_pixel_size(
+    nucleus: np.ndarray, pixel_size_um: float, config: ProcessConfig
+) -> float:
+    """Pixel size the classical methods work at: the field's own scale (its estimated nucleus
+    diameter taken as the typical one) unless told to trust the metadata or given a value."""
+    if config.scale == "metadata" or config.pixel_size_um is not None:
+        return pixel_size_um
+    return pixel_size_from_objects(nucleus, config.typical_nucleus_um) or pixel_size_um
 
 
 def _segmenter(plan: PlatePlan, compartment: str, config: ProcessConfig) -> Segmenter:
@@ -338,13 +350,14 @@ def process_well(
         images = dict(zip(wanted, plate.read_channels(ref, wanted), strict=True))
         for name, image in images.items():
             _check_finite(image, plate, ref, name)
-        px = plate.pixel_size_um(ref)
+        px = config.pixel_size_um or plate.pixel_size_um(ref)
+        seg_px = segmentation_pixel_size(images[nucleus], px, config)
         nuclei = nuclei_seg.nuclei(
-            _inputs(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=px
+            _inputs(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=seg_px
         )
         cell_image = images[plan.cell_channel] if plan.cell_channel else None
         cells = cells_seg.cells(
-            nuclei, _inputs(cells_seg, plate, ref, cell_image), pixel_size_um=px
+            nuclei, _inputs(cells_seg, plate, ref, cell_image), pixel_size_um=seg_px
         )
         provenance = {
             "nucleus_channel": nucleus,
@@ -378,6 +391,8 @@ def process_well(
         qc["Image_Count_Nuclei"] = _count(nuclei)
         qc["Image_Count_Cells"] = _count(cells)
         qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
+        # the scale the classical methods worked at (µm/px), estimated or from metadata
+        qc["Metadata_SegmentationPixelSize"] = float(seg_px)
         for name in present:
             image = images[name]
             sat = (
@@ -390,7 +405,7 @@ def process_well(
 
     cells_df = pd.concat(cell_tables, ignore_index=True)
     qc_df = pd.DataFrame(qc_rows).reindex(columns=qc_schema(plan))
-    px = plate.pixel_size_um(refs[0])
+    px = config.pixel_size_um or plate.pixel_size_um(refs[0])
     file_meta = {
         "flow_run_id": run_id or "",
         "plate_url": plan.plate_url,

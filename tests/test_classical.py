@@ -159,3 +159,31 @@ def test_cellprofiler_human_counts(shared_data) -> None:
     area_n = np.bincount(nuclei.ravel())[1:]
     area_c = np.bincount(cells.ravel(), minlength=nuclei.max() + 1)[1:]
     assert np.median(area_c) > 2.5 * np.median(area_n)
+
+
+def test_cells_from_a_ring_stain_alone() -> None:
+    """Touching cells drawn only by their membranes (a surface stain) are found one by one,
+    without nuclei, and segment_cells(method='stain') gives them their nucleus's id."""
+    from scipy import ndimage as ndi
+    from skimage.draw import disk
+    from skimage.segmentation import find_boundaries
+
+    from hcsseg.evaluate.metrics import instance_metrics
+    from hcsseg.segment.classical import segment_cells_from_stain
+
+    truth = np.zeros((120, 160), np.int32)
+    centres = [(30, 30), (30, 52), (30, 110), (80, 60), (88, 130)]
+    for k, c in enumerate(centres, 1):
+        truth[disk(c, 11, shape=truth.shape)] = k
+    rings = find_boundaries(truth, mode="inner")
+    image = ndi.gaussian_filter(rings * 200.0, 1) + np.random.default_rng(0).normal(
+        5, 1, truth.shape
+    )
+    cells = segment_cells_from_stain(image, pixel_size_um=0.5)
+    assert float(instance_metrics(cells, truth).ap[0]) >= 0.8
+    nuclei = np.zeros_like(truth)
+    for k, (y, x) in enumerate(centres, 1):
+        nuclei[y - 3 : y + 3, x - 3 : x + 3] = 10 * k
+    grown = segment_cells(nuclei, image, pixel_size_um=0.5, options=CellOptions(method="stain"))
+    for k, (y, x) in enumerate(centres, 1):
+        assert grown[y, x] == 10 * k

@@ -50,3 +50,29 @@ def test_bad_inputs_exit_2(tmp_path):
     assert "'Hoechst'" in result.output and "'DNA', 'Cytoplasm'" in result.output
     result = runner.invoke(app, ["import", str(tmp_path), str(tmp_path / "y.zarr"), "-c", "zero"])
     assert result.exit_code == 2 and "KEY=NAME" in result.output
+
+
+def test_config_file_methods_survive_and_flags_override(tmp_path):
+    """Flags given on the command line win over --config; flags not given never do."""
+    import json
+
+    from hcsseg.cli import _load_config
+    from hcsseg.errors import HcssegError
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"nuclei_method": "distance_unet", "cells_method": "unsupervised"}))
+    cfg = _load_config(path, {"nuclei_method": None, "cells_method": None})
+    assert (cfg.nuclei_method, cfg.cells_method) == ("distance_unet", "unsupervised")
+    cfg = _load_config(path, {"nuclei_method": "classical", "cells_method": None})
+    assert (cfg.nuclei_method, cfg.cells_method) == ("classical", "unsupervised")
+    path.write_text("[1, 2]")
+    for bad, match in [(path, "JSON list"), (tmp_path / "none.json", "does not exist")]:
+        try:
+            _load_config(bad, {})
+        except HcssegError as exc:
+            assert match in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    path.write_text(json.dumps({"nuclei_method": "watershed"}))
+    result = runner.invoke(app, ["process", str(tmp_path / "x.zarr"), "--config", str(path)])
+    assert result.exit_code == 2 and "nuclei_method" in result.output

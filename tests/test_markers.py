@@ -97,3 +97,16 @@ def test_marker_qc_on_real_dapi(shared_data):
     assert same["fn_rate"] == 0 and same["fp_rate"] == 0 and same["n_markers_real"] > 20
     shifted = marker_qc(np.roll(dapi, 200, axis=1), dapi, pixel_size_um=0.5)
     assert shifted["pcc"] < 0.5 and shifted["fn_rate"] > 0.3
+
+
+def test_gate_markers_keeps_those_inside_the_stain() -> None:
+    import pandas as pd
+
+    from hcsseg.markers.detect import gate_markers
+
+    mask = np.zeros((50, 50), bool)
+    mask[10:30, 10:30] = True
+    markers = pd.DataFrame({"y": [20.0, 40.0, 29.0], "x": [20.0, 40.0, 29.0]})
+    kept = gate_markers(markers, mask, radius=3)
+    assert kept[["y", "x"]].values.tolist() == [[20.0, 20.0]]
+    assert gate_markers(markers.iloc[:0], mask, radius=3).empty

@@ -269,3 +269,25 @@ def test_process_plate_fills_in_virtual_nuclei(tmp_path, isl):
     reuse = VirtualStainConfig(model=tiny(), model_id=model_id, model_store=str(store))
     with pytest.raises((ModelError, ChannelNotFoundError)):
         process_plate(other.url, ProcessConfig(nucleus_channel="DAPI", virtual_stain=reuse))
+
+
+def test_mask_mode_learns_nucleus_positions_as_probabilities(isl):
+    """target_mode='mask': cross-entropy on the Otsu-thresholded stain; predictions are
+    probabilities that are high on nuclei and low on background after a short training."""
+    phase, dapi = isl
+    opts = tiny(60).model_copy(update={"target_mode": "mask"})
+    fields = [(phase[:, :256, i : i + 256], dapi[:256, i : i + 256]) for i in (0, 256, 512)]
+    model = train_virtual_stain(
+        [s for s, _ in fields], [t for _, t in fields], ["a", "b", "c"], options=opts
+    )
+    assert model.mask_threshold is not None and 0 < model.mask_threshold < 1
+    card = model.card()
+    assert card["normalisation"]["target_mode"] == "mask"
+    losses = model.history["loss"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    pred = predict_virtual_stain(model.network, phase[:, 256:, 768:], opts)
+    assert pred.min() >= 0 and pred.max() <= 1
+    real = dapi[256:, 768:].astype(np.float32)
+    nuclei = real > np.percentile(real, 97)
+    background = real < np.percentile(real, 50)
+    assert pred[nuclei].mean() > pred[background].mean() + 0.1

@@ -161,7 +161,8 @@ def omero(channels: Sequence[ChannelSpec], dtype: np.dtype, version: NgffVersion
             }
             for i, ch in enumerate(channels)
         ],
-        "rdefs": {"model": "color"},
+        # defaultT/defaultZ: iohub (and OMERO) require them to list any position
+        "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
     }
     if version == "0.4":
         out["version"] = "0.4"

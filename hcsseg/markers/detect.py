@@ -149,3 +149,18 @@ def _merge_close(blobs: np.ndarray, distance: float) -> np.ndarray:
         if keep[i] and keep[j]:
             keep[j] = False
     return blobs[keep]
+
+
+def gate_markers(markers: pd.DataFrame, mask: np.ndarray, *, radius: float) -> pd.DataFrame:
+    """Markers whose surroundings (a square of side 2·radius + 1 px) lie mostly in `mask`.
+
+    DAPI marks every nucleus, but a surface stain (CD3, a membrane marker of one cell type)
+    outlines only some cells: a marker outside the stain's foreground seeds a cell the stain
+    cannot show, and becomes a false cell. `mask` is that foreground (e.g. the Yu-lab M)."""
+    m = np.asarray(mask, dtype=bool)
+    if markers.empty:
+        return markers
+    area = ndi.uniform_filter(m.astype(np.float32), size=max(int(2 * radius + 1), 1))
+    y = np.clip(np.rint(markers["y"].to_numpy()).astype(int), 0, m.shape[0] - 1)
+    x = np.clip(np.rint(markers["x"].to_numpy()).astype(int), 0, m.shape[1] - 1)
+    return markers[area[y, x] >= 0.5].reset_index(drop=True)

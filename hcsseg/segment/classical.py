@@ -88,10 +88,12 @@ class CellOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["propagation", "distance"] = Field(
+    method: Literal["propagation", "distance", "stain"] = Field(
         "propagation",
         description="propagation: seeded watershed on the cell-stain gradient inside the "
-        "stain's foreground; distance: grow each nucleus by max_expansion_um",
+        "stain's foreground; distance: grow each nucleus by max_expansion_um; stain: cells "
+        "from the cell stain alone (`segment_cells_from_stain`), for surface stains that "
+        "label only some cells while the nucleus stain shows all",
     )
     max_expansion_um: float = Field(
         20.0, ge=0, description="no cell pixel is further than this from its nucleus"
@@ -110,6 +112,69 @@ class CellOptions(BaseModel):
         description="weight of distance against intensity gradient (CellProfiler's propagation "
         "lambda): 0 follows image edges only, large values approach a Voronoi split",
     )
+
+
+class StainCellOptions(BaseModel):
+    """Parameters of `segment_cells_from_stain`; lengths in micrometres.
+
+    Defaults were picked on the 5 training fields of dense-cells (CD3/CD4/CD8 surface stains
+    of T cells in skin, 0.5 µm/px) without looking at the test fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    smoothing_sigma_um: float = Field(0.5, ge=0, description="Gaussian sigma on the stain")
+    threshold_correction: float = Field(
+        0.5,
+        gt=0,
+        description="multiplies Otsu's threshold: low, so the dim parts of a membrane ring "
+        "still close it and hole filling recovers the cell body",
+    )
+    membrane_weight_um: float = Field(
+        2.5,
+        ge=0,
+        description="how many micrometres of distance-to-background one unit of normalised "
+        "stain intensity is worth in the watershed landscape: cells touching along a bright "
+        "shared membrane are split there, not at their narrowest neck",
+    )
+    seed_h_um: float = Field(0.25, ge=0, description="h-maxima height of the landscape")
+    min_diameter_um: float = Field(3.0, gt=0, description="smaller objects are dropped")
+
+
+def segment_cells_from_stain(
+    image: np.ndarray, *, pixel_size_um: float, options: StainCellOptions | None = None
+) -> np.ndarray:
+    """Cells outlined by a surface or membrane stain, found without any nucleus.
+
+    The stain's foreground (Otsu × correction on the smoothed stain) has its holes filled,
+    since a ring stain draws a cell's rim and leaves its inside dark. Inside, the landscape
+    is the distance to the background minus the weighted stain intensity, so the seeds are
+    cell centres and the flooding meets at bright shared membranes. uint32 ids 1..N."""
+    opts = options or StainCellOptions()
+    _check_pixel_size(pixel_size_um)
+    grey = _as_float_2d(image, "cell image")
+    norm = _normalise_percentiles(grey)
+    if norm is None:
+        return np.zeros(grey.shape, dtype=np.uint32)
+    um = 1.0 / pixel_size_um
+    sigma = opts.smoothing_sigma_um * um
+    smooth = filters.gaussian(norm, sigma=sigma) if sigma > 0 else norm
+    mask = ndi.binary_fill_holes(
+        smooth > opts.threshold_correction * filters.threshold_otsu(smooth)
+    )
+    min_area = np.pi * (opts.min_diameter_um * um) ** 2 / 4
+    mask = morphology.remove_small_objects(mask, max_size=int(min_area))
+    if not mask.any():
+        return np.zeros(grey.shape, dtype=np.uint32)
+    landscape = ndi.distance_transform_edt(mask) - opts.membrane_weight_um * um * smooth
+    seeds = morphology.h_maxima(landscape, opts.seed_h_um * um).astype(bool) & mask
+    merged, _ = ndi.label(ndi.binary_dilation(seeds, morphology.disk(2)) & mask)
+    cells = segmentation.watershed(-landscape, np.where(seeds, merged, 0), mask=mask)
+    area = np.bincount(cells.ravel())
+    small = area < min_area
+    small[0] = False
+    cells = np.where(small[cells], 0, cells)
+    out, _, _ = segmentation.relabel_sequential(cells)
+    return out.astype(np.uint32)
 
 
 def segment_nuclei(
@@ -189,6 +254,15 @@ def segment_cells(
     reach = opts.max_expansion_um / pixel_size_um
     if not seeds.any():
         return np.zeros(seeds.shape, dtype=np.uint32)
+    if opts.method == "stain" and image is not None:
+        from hcsseg.segment.methods import adopt_nucleus_ids  # methods imports this module
+
+        grey = _as_float_2d(image, "cell image")
+        if grey.shape != seeds.shape:
+            raise InputDataError(
+                f"cell image shape {grey.shape} does not match nuclei labels shape {seeds.shape}"
+            )
+        return adopt_nucleus_ids(segment_cells_from_stain(grey, pixel_size_um=pixel_size_um), seeds)
     if image is None or opts.method == "distance":
         return segmentation.expand_labels(seeds, distance=reach).astype(np.uint32)
 
@@ -265,6 +339,15 @@ def _normalise(image: np.ndarray) -> np.ndarray | None:
         lo, hi = float(image.min()), float(image.max())
         if hi <= lo:
             return None
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _normalise_percentiles(image: np.ndarray) -> np.ndarray | None:
+    """[0, 1] from the 1st to the 99.8th percentile (a few saturated membrane pixels must not
+    set the scale of a whole stain); None without contrast."""
+    lo, hi = np.percentile(image, (1.0, 99.8))
+    if hi <= lo:
+        return _normalise(image)
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
 
 

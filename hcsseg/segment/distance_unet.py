@@ -15,6 +15,7 @@ are, so few annotated fields suffice).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -27,14 +28,22 @@ from skimage import filters, morphology, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment.scale import (
+    estimate_diameter,
+    median_diameter,
+    resize,
+    resize_labels,
+    scale_factor,
+    scaled_shape,
+)
 from hcsseg.segment.training import (
-    CropSampler,
     InitKind,
     LossFn,
     StateDict,
     TrainOptions,
     build_smp_model,
     check_pairs,
+    crop_sampler,
     first_conv_in_channels,
     fit,
     normalize_percentile,
@@ -44,6 +53,24 @@ from hcsseg.segment.training import (
     split_train_val,
     transfer_weights,
 )
+
+
+def recipe() -> TrainOptions:
+    """The training recipe measured in bench/results/accuracy.md: small crops of fields
+    brought to the canonical object size, scale (±25 %) and intensity augmentation, 15 % of
+    the fields held out for early stopping and for tuning the post-processing. About 17 min
+    on a 2-core CPU (0.43 s a step), a minute or two on a GPU."""
+    return TrainOptions(
+        n_steps=2400,
+        batch_size=8,
+        crop_size=128,
+        learning_rate=2e-3,
+        zoom=1.25,
+        augment=True,
+        val_fraction=0.15,
+        val_every=200,
+        patience=5,
+    )
 
 
 class DistanceUNetOptions(BaseModel):
@@ -75,10 +102,45 @@ class DistanceUNetOptions(BaseModel):
     h: float = Field(0.1, gt=0, description="h-maxima height on the predicted distance (0-1)")
     distance_sigma: float = Field(1.0, ge=0, description="smoothing of the distance, pixels")
     foreground_threshold: float = Field(0.5, gt=0, lt=1)
-    min_area: int = Field(8, ge=0, description="smaller objects are dropped, pixels")
+    min_area: int = Field(
+        8, ge=0, description="smaller objects are dropped, pixels at the working scale"
+    )
+    canonical_diameter: float | None = Field(
+        24.0,
+        gt=0,
+        description="objects are resized to this median diameter (px) before the network, in "
+        "training (from the labels) and inference (estimated); None keeps each field's scale",
+    )
+    scale_channel: int | None = Field(
+        0,
+        ge=0,
+        description="input channel whose bright objects give the inference scale estimate "
+        "(a nucleus stain); None: use prior_factor (cells from a membrane stain)",
+    )
+    prior_factor: float | None = Field(
+        None,
+        gt=0,
+        description="resize factor of the training fields (set by training): used when a "
+        "field's object size cannot be estimated",
+    )
+    refine_scale: bool = Field(
+        True,
+        description="measure the objects found at the first scale and predict again when "
+        "their size is off the canonical diameter by more than 25 %",
+    )
+    tta: bool = Field(
+        True,
+        description="average predictions over the four flips (4x the inference time; +0.01 "
+        "AP@0.5 on dense cells in bench/results/accuracy.md)",
+    )
+    tune_postprocessing: bool = Field(
+        True,
+        description="pick h and foreground_threshold on the held-out training fields "
+        "(train.val_fraction > 0), never on the fields to be segmented",
+    )
     tile: int = Field(512, ge=64, description="inference tile, multiple of 32")
     overlap: int = Field(64, ge=0)
-    train: TrainOptions = Field(default_factory=TrainOptions)
+    train: TrainOptions = Field(default_factory=lambda: recipe())
 
 
 # ---------------------------------------------------------------------------- targets
@@ -168,7 +230,15 @@ def train_distance_unet(
     imgs, labs = check_pairs(images, labels)
     lo, hi = opts.train.normalize_percentiles
     norm = [normalize_percentile(im, lo, hi) for im in imgs]
-    targets = [distance_targets(lab) for lab in labs]
+    factors = [scale_factor(median_diameter(lab), opts.canonical_diameter) for lab in labs]
+    scaled = [
+        resize(im, scaled_shape(im.shape, f)) if f != 1 else im
+        for im, f in zip(norm, factors, strict=True)
+    ]
+    targets = [
+        distance_targets(resize_labels(lab, scaled_shape(lab.shape, f)))
+        for lab, f in zip(labs, factors, strict=True)
+    ]
     rng = seed_everything(opts.train.seed)
     model = build_model(norm[0].shape[0], opts)
     history_extra: dict[str, Any] = {"init": opts.init, "transferred_tensors": 0}
@@ -178,19 +248,81 @@ def train_distance_unet(
         history_extra |= {"init": f"virtual-staining ({opts.isl_transfer})"}
         history_extra["transferred_tensors"] = len(keys)
     train_idx, val_idx = split_train_val(len(norm), opts.train.val_fraction, rng)
-    crop = opts.train.crop_size
-    sampler = CropSampler([norm[i] for i in train_idx], [targets[i] for i in train_idx], crop, rng)
+    sampler = crop_sampler(
+        [scaled[i] for i in train_idx], [targets[i] for i in train_idx], opts.train, rng
+    )
     val = (
-        CropSampler([norm[i] for i in val_idx], [targets[i] for i in val_idx], crop, rng)
+        crop_sampler(
+            [scaled[i] for i in val_idx],
+            [targets[i] for i in val_idx],
+            opts.train,
+            rng,
+            train=False,
+        )
         if val_idx
         else None
     )
     history = fit(model, _loss(opts), sampler, opts.train, val_sampler=val)
-    history |= history_extra | {"in_channels": norm[0].shape[0], "n_images": len(norm)}
+    tuned: dict[str, Any] = {}
+    if opts.canonical_diameter is not None:
+        tuned["prior_factor"] = float(np.median([factors[i] for i in train_idx]))
+    if val_idx and opts.tune_postprocessing:
+        final = opts.model_copy(update=tuned)
+        maps = [predict_distance_unet(model, imgs[i], options=final) for i in val_idx]
+        picked = tune_postprocessing(maps, [labs[i] for i in val_idx], final)
+        history["validation_score"] = picked.pop("validation_score")
+        tuned |= picked
+    history |= history_extra | {
+        "in_channels": norm[0].shape[0],
+        "n_images": len(norm),
+        "scale_factors": [round(f, 3) for f in factors],
+        "validation_images": val_idx,
+        "tuned_options": tuned,
+    }
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, history
 
 
-# ---------------------------------------------------------------------------- inference
+H_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6)
+MIN_AREA_GRID = (8, 24, 48, 96)
+
+
+def tune_postprocessing(
+    maps: Sequence[FieldMaps], truths: Sequence[np.ndarray], options: DistanceUNetOptions
+) -> dict[str, Any]:
+    """h, foreground threshold and minimum area that maximise (AP@0.5 + mean AP) / 2 over
+    held-out fields: first h × threshold, then the minimum area (working-scale pixels).
+
+    The network's maps are computed once; only the watershed is repeated per setting."""
+    from hcsseg.evaluate.metrics import instance_metrics
+
+    def value(**kw: Any) -> float:
+        scores = []
+        for m, truth in zip(maps, truths, strict=True):
+            res = instance_metrics(labels_from_maps(m, options, **kw), truth)
+            scores.append((float(res.ap[0]) + res.mean_ap) / 2)
+        return float(np.nanmean(scores))
+
+    grid = [(value(h=h, threshold=t), h, t) for h in H_GRID for t in THRESHOLD_GRID]
+    score, h, thr = max(grid, key=lambda g: g[0])
+    areas = [(value(h=h, threshold=thr, min_area=a), a) for a in MIN_AREA_GRID]
+    score, area = max(areas, key=lambda g: g[0])
+    return {
+        "h": h,
+        "foreground_threshold": thr,
+        "min_area": area,
+        "validation_score": round(score, 4),
+    }
+
+
+@dataclass
+class FieldMaps:
+    """Network outputs of one field at the working scale (objects at the canonical diameter)
+    and the field's own shape, to which labels are resized back."""
+
+    dist: np.ndarray
+    fg: np.ndarray
+    shape: tuple[int, int]
 
 
 def predict_distance_unet(
@@ -198,8 +330,13 @@ def predict_distance_unet(
     image: np.ndarray,
     *,
     options: DistanceUNetOptions | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted normalised distance and foreground probability of a whole field."""
+) -> FieldMaps:
+    """Predicted normalised distance and foreground probability of a whole field.
+
+    With a canonical diameter the field is resized so its objects have that diameter (the
+    estimate from `scale_channel`, else the training fields' factor); with `refine_scale`
+    the objects found there are measured and the field is predicted again when their median
+    diameter is off by more than 25 % (a first estimate fooled by texture or clumps)."""
     opts = options or DistanceUNetOptions()
     model = _load(model_or_state, opts)
     lo, hi = opts.train.normalize_percentiles
@@ -207,16 +344,101 @@ def predict_distance_unet(
     want = first_conv_in_channels(model.state_dict())
     if norm.shape[0] != want:
         raise InputDataError(f"the model expects {want} channel(s); the image has {norm.shape[0]}")
+    shape = (int(norm.shape[1]), int(norm.shape[2]))
+    factor = field_factor(norm, opts)
+    maps = FieldMaps(*_predict_at(model, norm, factor, opts), shape)
+    if opts.canonical_diameter is not None and opts.refine_scale:
+        diameter = _working_diameter(maps, opts)
+        if diameter is not None and abs(np.log(opts.canonical_diameter / diameter)) > np.log(1.25):
+            # at most 2x either way: a field the first estimate got that wrong is noise
+            # or texture the second look cannot be trusted on either
+            better = float(
+                np.clip(
+                    scale_factor(diameter / factor, opts.canonical_diameter), factor / 2, factor * 2
+                )
+            )
+            maps = FieldMaps(*_predict_at(model, norm, better, opts), shape)
+    return maps
+
+
+def _working_diameter(maps: FieldMaps, opts: DistanceUNetOptions) -> float | None:
+    """Object diameter at the working scale, read off the network's own output.
+
+    Separate objects (nuclei): the foreground map is a clean, texture-free image of them,
+    and its size estimate does not depend on how the watershed splits them (a model run at
+    too large a scale over-splits, and split pieces would call for an even larger one).
+    Carpets of touching cells have no separate foreground blobs: there the instances
+    found at this scale are measured."""
+    if opts.scale_channel is not None:
+        return estimate_diameter(maps.fg)
+    return median_diameter(_instances(maps.dist, maps.fg, opts, opts.h, opts.foreground_threshold))
+
+
+def field_factor(norm: np.ndarray, options: DistanceUNetOptions) -> float:
+    """Resize factor of one normalised (C, Y, X) field: its estimated object diameter to the
+    canonical one, else the training fields' factor, else 1."""
+    if options.canonical_diameter is None:
+        return 1.0
+    diameter = None
+    if options.scale_channel is not None and options.scale_channel < norm.shape[0]:
+        diameter = estimate_diameter(norm[options.scale_channel])
+    if diameter is None:
+        return options.prior_factor or 1.0
+    return scale_factor(diameter, options.canonical_diameter)
+
+
+def _predict_at(
+    model: nn.Module, norm: np.ndarray, factor: float, opts: DistanceUNetOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    scaled = resize(norm, scaled_shape(norm.shape, factor)) if factor != 1 else norm
     out = predict_dense(
         model,
-        norm,
+        scaled,
         device=select_device(opts.train.device),
         tile=opts.tile,
         overlap=opts.overlap,
         amp=opts.train.amp,
+        tta=opts.tta,
     )
     prob = expit(out)
     return prob[0], prob[1]
+
+
+def _instances(
+    dist: np.ndarray,
+    fg: np.ndarray,
+    opts: DistanceUNetOptions,
+    h: float,
+    threshold: float,
+    min_area: int | None = None,
+) -> np.ndarray:
+    return instances_from_distance(
+        dist,
+        fg > threshold,
+        h=h,
+        sigma=opts.distance_sigma,
+        min_area=opts.min_area if min_area is None else min_area,
+    )
+
+
+def labels_from_maps(
+    maps: FieldMaps,
+    options: DistanceUNetOptions,
+    *,
+    h: float | None = None,
+    threshold: float | None = None,
+    min_area: int | None = None,
+) -> np.ndarray:
+    """Instances at the working scale (h, threshold, min_area in its units), resized back."""
+    lab = _instances(
+        maps.dist,
+        maps.fg,
+        options,
+        options.h if h is None else h,
+        options.foreground_threshold if threshold is None else threshold,
+        min_area,
+    )
+    return resize_labels(lab, maps.shape).astype(np.uint32)
 
 
 def segment_distance_unet(
@@ -227,14 +449,7 @@ def segment_distance_unet(
 ) -> np.ndarray:
     """uint32 instance labels (ids 1..N) of a field."""
     opts = options or DistanceUNetOptions()
-    dist, fg = predict_distance_unet(model_or_state, image, options=opts)
-    return instances_from_distance(
-        dist,
-        fg > opts.foreground_threshold,
-        h=opts.h,
-        sigma=opts.distance_sigma,
-        min_area=opts.min_area,
-    )
+    return labels_from_maps(predict_distance_unet(model_or_state, image, options=opts), opts)
 
 
 def instances_from_distance(

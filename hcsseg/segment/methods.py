@@ -110,7 +110,11 @@ class Segmenter:
 
     @property
     def options(self) -> Any:
-        return parse_options(self.method, (self.card or {}).get("options"))
+        options = dict((self.card or {}).get("options") or {})
+        if self.method == "distance_unet":
+            # cards written before scale normalisation: the model saw fields at their scale
+            options.setdefault("canonical_diameter", None)
+        return parse_options(self.method, options)
 
     def nuclei(self, image: np.ndarray, *, pixel_size_um: float) -> np.ndarray:
         if self.method == "classical":

@@ -19,10 +19,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment.scale import resize
 
 StateDict = Mapping[str, torch.Tensor]
 InitKind = Literal["random", "imagenet"]
@@ -207,7 +209,10 @@ class CropSampler:
     reflection (image and targets alike). With `foreground` > 0 that share of the crops is
     instead centred on a pixel drawn in proportion to the target's intensity (the weighted
     crops of VisCy's virtual staining): on a sparse plate, uniform crops are mostly empty
-    background and an L1 model learns to predict nothing."""
+    background and an L1 model learns to predict nothing. `zoom` > 1 reads a region between
+    crop/zoom and crop·zoom wide (log-uniform) and resizes it to the crop, so a model sees
+    objects of a range of sizes; `augment` changes the image part of each crop (contrast,
+    gamma, noise, blur: see `intensity_augment`), never the targets."""
 
     GRID = 4  # foreground centres are drawn on a coarse grid to keep the weights small
 
@@ -218,12 +223,18 @@ class CropSampler:
         crop: int,
         rng: np.random.Generator,
         foreground: float = 0.0,
+        *,
+        zoom: float = 1.0,
+        augment: Augment | None = None,
     ) -> None:
         self.crop = crop
         self.rng = rng
         self.foreground = foreground
-        self.images = [_pad_to(im, crop) for im in images]
-        self.targets = [_pad_to(t, crop) for t in targets]
+        self.zoom = zoom
+        self.augment = augment
+        reach = math.ceil(crop * zoom)  # the largest region a zoomed-out crop reads
+        self.images = [_pad_to(im, reach) for im in images]
+        self.targets = [_pad_to(t, reach) for t in targets]
         areas = np.array([im.shape[1] * im.shape[2] for im in images], dtype=float)
         self.p = areas / areas.sum()
         self.cdf: list[np.ndarray] = []
@@ -237,11 +248,11 @@ class CropSampler:
             self.cdf = [np.cumsum(w.ravel()) for w in weights]
             self.fg_p = totals / totals.sum() if totals.sum() > 0 else None
 
-    def _corner(self, k: int, weighted: bool) -> tuple[int, int]:
+    def _corner(self, k: int, weighted: bool, size: int) -> tuple[int, int]:
         h, w = self.images[k].shape[1:]
         if not weighted:
-            y0 = int(self.rng.integers(0, h - self.crop + 1))
-            x0 = int(self.rng.integers(0, w - self.crop + 1))
+            y0 = int(self.rng.integers(0, h - size + 1))
+            x0 = int(self.rng.integers(0, w - size + 1))
             return y0, x0
         cdf = self.cdf[k]
         flat = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
@@ -249,8 +260,8 @@ class CropSampler:
         gy, gx = np.unravel_index(min(flat, cdf.size - 1), grid_shape)
         cy = gy * self.GRID + int(self.rng.integers(self.GRID))
         cx = gx * self.GRID + int(self.rng.integers(self.GRID))
-        y0 = int(np.clip(cy - self.crop // 2, 0, h - self.crop))
-        x0 = int(np.clip(cx - self.crop // 2, 0, w - self.crop))
+        y0 = int(np.clip(cy - size // 2, 0, h - size))
+        x0 = int(np.clip(cx - size // 2, 0, w - size))
         return y0, x0
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,9 +277,18 @@ class CropSampler:
             picks = self.rng.choice(len(self.images), size=n, p=self.p).tolist()
         for k, w in zip(picks, weighted, strict=True):
             im, t = self.images[k], self.targets[k]
-            y0, x0 = self._corner(k, bool(w))
-            sl = np.s_[:, y0 : y0 + self.crop, x0 : x0 + self.crop]
+            size = self.crop
+            if self.zoom > 1:
+                z = math.exp(self.rng.uniform(-math.log(self.zoom), math.log(self.zoom)))
+                size = min(round(self.crop * z), *im.shape[1:])
+            y0, x0 = self._corner(k, bool(w), size)
+            sl = np.s_[:, y0 : y0 + size, x0 : x0 + size]
             a, b = im[sl], t[sl]
+            if size != self.crop:
+                a = resize(a, (self.crop, self.crop))
+                b = resize(b, (self.crop, self.crop))
+            if self.augment is not None:
+                a = self.augment(a, self.rng)
             rot = int(self.rng.integers(4))
             flip = bool(self.rng.integers(2))
             a, b = np.rot90(a, rot, axes=(1, 2)), np.rot90(b, rot, axes=(1, 2))
@@ -281,6 +301,28 @@ class CropSampler:
     def fixed(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`n` single-crop batches drawn once (validation crops stay the same across checks)."""
         return [self.sample(1) for _ in range(n)]
+
+
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random contrast, brightness, gamma, blur and noise of a normalised (C, Y, X) crop.
+
+    A per-plate model sees a few fields of one microscope; these are the differences
+    between fields and plates (exposure, focus, camera noise) that it must not mistake for
+    objects. Each channel gets its own draw."""
+    out = np.empty_like(image, dtype=np.float32)
+    for c, chan in enumerate(image):
+        x = chan * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)
+        if rng.random() < 0.5:
+            x = np.clip(x, 0, None) ** rng.uniform(0.7, 1.5)
+        if rng.random() < 0.3:
+            x = ndi.gaussian_filter(x, rng.uniform(0.3, 1.5))
+        if rng.random() < 0.5:
+            x = x + rng.normal(0, rng.uniform(0.005, 0.05), x.shape)
+        out[c] = x
+    return out
 
 
 def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
@@ -315,6 +357,14 @@ class TrainOptions(BaseModel):
     patience: int = Field(5, ge=1, description="validation checks without improvement")
     val_crops: int = Field(16, ge=1, description="fixed crops scored at each check")
     normalize_percentiles: tuple[float, float] = (1.0, 99.8)
+    zoom: float = Field(
+        1.0, ge=1, le=2, description="scale augmentation: crops resized by up to this factor"
+    )
+    augment: bool = Field(False, description="contrast/gamma/blur/noise augmentation")
+    snapshot_steps: list[int] = Field(
+        default_factory=list,
+        description="steps at which a copy of the weights is kept in the history (learning curves)",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
     amp: bool = Field(True, description="bfloat16 autocast on CUDA")
@@ -330,6 +380,27 @@ class TrainOptions(BaseModel):
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def crop_sampler(
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    options: TrainOptions,
+    rng: np.random.Generator,
+    *,
+    train: bool = True,
+    foreground: float = 0.0,
+) -> CropSampler:
+    """The sampler `options` ask for; validation crops (`train=False`) are not augmented."""
+    return CropSampler(
+        images,
+        targets,
+        options.crop_size,
+        rng,
+        foreground,
+        zoom=options.zoom if train else 1.0,
+        augment=intensity_augment if train and options.augment else None,
+    )
 
 
 def split_train_val(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
@@ -375,6 +446,10 @@ def fit(
         opt.step()
         sched.step()
         history["loss"].append(float(loss.item()))
+        if step in options.snapshot_steps:
+            history.setdefault("snapshots", {})[step] = {
+                k: t.detach().cpu().clone() for k, t in model.state_dict().items()
+            }
         if val_batches and (step % options.val_every == 0 or step == options.n_steps):
             v = evaluate_loss(model, loss_fn, val_batches, device, options.amp)
             history["val_loss"].append(v)
@@ -545,15 +620,24 @@ def predict_dense(
     overlap: int = 64,
     batch_size: int = 4,
     amp: bool = True,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Raw network outputs (K, Y, X) for a normalised (C, Y, X) field, tiled and blended."""
+    """Raw network outputs (K, Y, X) for a normalised (C, Y, X) field, tiled and blended;
+    with `tta` the mean over the four flips of each tile (for flip-equivariant targets)."""
     from hcsseg.segment.tiling import predict_tiled
 
     model.to(device).eval()
+    flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
 
     def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device)
+        total = None
         with torch.no_grad(), autocast(device, amp):
-            out = model(torch.from_numpy(batch).to(device))
-        return out.float().cpu().numpy()
+            for dims in flips:
+                out = model(x.flip(dims) if dims else x).float()
+                out = out.flip(dims) if dims else out
+                total = out if total is None else total + out
+        assert total is not None
+        return (total / len(flips)).cpu().numpy()
 
     return predict_tiled(run, image, tile=tile, overlap=overlap, batch_size=batch_size)

@@ -79,6 +79,12 @@ class UnsupervisedOptions(BaseModel):
     test_time_flips: bool = Field(True, description="average the 4 flips at inference")
     threshold: float = Field(0.5, gt=0, lt=1, description="below: background")
     keep_largest_component: bool = Field(True, description="drop detached fragments of a cell")
+    min_area: int = Field(
+        0,
+        ge=0,
+        description="cells smaller than this (pixels) are dropped: slivers squeezed "
+        "between neighbours are rarely cells",
+    )
     batch_size: int = Field(256, ge=1, description="patches per forward pass at inference")
     normalize_percentiles: tuple[float, float] = (1.0, 99.8)
     seed: int = 0
@@ -526,6 +532,11 @@ def segment_unsupervised(
     labels = np.where(best >= opts.threshold, ids, 0)[half : half + h, half : half + w]
     if opts.keep_largest_component:
         labels = _largest_components(labels)
+    if opts.min_area:
+        area = np.bincount(labels.ravel())
+        small = area < opts.min_area
+        small[0] = False
+        labels = np.where(small[labels], 0, labels)
     return labels.astype(np.uint32)
 
 

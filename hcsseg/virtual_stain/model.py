@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import expit
+from skimage.filters import threshold_otsu
 
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.segment.training import (
@@ -75,6 +77,13 @@ class VirtualStainOptions(BaseModel):
         "on a sparse plate uniform crops are mostly background and the model learns to "
         "predict nothing; 0 suits dense tissue, where every crop holds nuclei",
     )
+    target_mode: Literal["intensity", "mask"] = Field(
+        "intensity",
+        description="'intensity': regress the normalised stain (L1, Bonte et al. 2024); "
+        "'mask': learn where the stain is above Otsu's threshold (cross-entropy, as the "
+        "Yu-lab synthetic-nucleus U-Net does), because markers need nucleus positions, not "
+        "intensities; predictions are then probabilities",
+    )
     percentiles: tuple[float, float] = (1.0, 99.8)
     target_normalisation: Literal["plate", "field"] = Field(
         "plate",
@@ -97,6 +106,7 @@ class VirtualStainModel:
     train_keys: list[str]
     val_keys: list[str]
     target_range: tuple[float, float] | None = None  # raw target intensities behind 0 and 1
+    mask_threshold: float | None = None  # normalised level above which target_mode="mask" is 1
 
     def card(self) -> dict[str, Any]:
         return {
@@ -107,6 +117,8 @@ class VirtualStainModel:
                 "target": self.options.target_normalisation,  # "plate" or "field" percentile
                 "percentiles": list(self.options.percentiles),
                 "target_range": list(self.target_range) if self.target_range else None,
+                "target_mode": self.options.target_mode,
+                "mask_threshold": self.mask_threshold,
             },
             "architecture": {
                 "arch": "unet",
@@ -210,6 +222,10 @@ def train_virtual_stain(
                 f"field {k}: target {options.target_channel!r} has shape {y.shape[-2:]} "
                 f"but the source channels are {x.shape[1:]}; expected one (Y, X) plane of that size"
             )
+    mask_threshold = None
+    if options.target_mode == "mask":
+        mask_threshold = _mask_threshold(ys)
+        ys = [(y > mask_threshold).astype(np.float32) for y in ys]
     train_opts = options.training
     rng = seed_everything(train_opts.seed)
     if len(xs) == 1:
@@ -228,8 +244,26 @@ def train_virtual_stain(
         train_x, train_y, train_opts.crop_size, rng, foreground=options.foreground_crops
     )
     val_sampler = CropSampler(val_x, val_y, train_opts.crop_size, np.random.default_rng(1))
-    history = fit(net, torch.nn.functional.l1_loss, sampler, train_opts, val_sampler=val_sampler)
-    return VirtualStainModel(net, options, history, train_keys, val_keys, target_range)
+    loss = (
+        torch.nn.functional.binary_cross_entropy_with_logits
+        if options.target_mode == "mask"
+        else torch.nn.functional.l1_loss
+    )
+    history = fit(net, loss, sampler, train_opts, val_sampler=val_sampler)
+    return VirtualStainModel(
+        net, options, history, train_keys, val_keys, target_range, mask_threshold
+    )
+
+
+def _mask_threshold(targets: Sequence[np.ndarray]) -> float:
+    """Otsu's level over the normalised targets pooled (subsampled to ~1 M pixels a field)."""
+    pooled = np.concatenate(
+        [np.asarray(t).ravel()[:: max(1, np.asarray(t).size // 1_000_000)] for t in targets]
+    )
+    level = float(threshold_otsu(pooled))
+    if not (pooled > level).any():
+        raise InputDataError("the target channel has no pixels above its Otsu threshold")
+    return level
 
 
 def plate_target_range(
@@ -271,7 +305,7 @@ def predict_virtual_stain(
         overlap=options.overlap,
         amp=options.training.amp,
     )
-    return out[0]
+    return expit(out[0]) if options.target_mode == "mask" else out[0]
 
 
 def to_storage(prediction: np.ndarray, dtype: np.dtype) -> np.ndarray:

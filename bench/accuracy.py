@@ -1,0 +1,462 @@
+"""Every accuracy benchmark in one run, the classical baseline beside each learned method.
+
+Fixed splits of `../shared/data` (SHA-1 of the field name), the library functions a user's
+`hcsseg train`/`process` call, and for each learned method a learning curve (AP after 25 %,
+50 % and 100 % of its step budget, from weight snapshots of the one training run: the
+learning rate has not decayed at the early points, so they understate a shorter schedule).
+
+    python bench/accuracy.py                       # everything, CPU (about 1.5 h on 2 cores)
+    python bench/accuracy.py --only nuclei         # one section; the others keep their result
+    python bench/accuracy.py --device cuda         # on a GPU
+    python bench/accuracy.py --quick               # smoke version for CI (a few minutes)
+
+Writes bench/results/accuracy.json and accuracy.md (bench/results/accuracy_quick.* for
+--quick). Post-processing is tuned on held-out *training* fields only; the test fields are
+scored once per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from seg_common import DATA, RESULTS, hash_order, load_pairs, score, timed
+
+from hcsseg.markers.detect import detect_markers, gate_markers
+from hcsseg.segment.classical import (
+    CellOptions,
+    NucleiOptions,
+    segment_cells,
+    segment_cells_from_stain,
+    segment_nuclei,
+)
+from hcsseg.segment.distance_unet import (
+    DistanceUNetOptions,
+    segment_distance_unet,
+    train_distance_unet,
+)
+from hcsseg.segment.scale import estimate_diameter
+from hcsseg.segment.training import TrainOptions
+from hcsseg.segment.unsupervised import (
+    UnsupervisedOptions,
+    foreground_mask,
+    segment_unsupervised,
+    train_unsupervised,
+)
+
+Section = Callable[[argparse.Namespace], dict[str, Any]]
+CURVE = (0.25, 0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def snapshots(n_steps: int) -> list[int]:
+    return sorted({max(1, round(n_steps * f)) for f in CURVE})
+
+
+def learned_run(
+    *,
+    train_fn: Callable[..., tuple[dict, dict]],
+    segment_fn: Callable[..., np.ndarray],
+    options: Any,
+    train_data: tuple[list[np.ndarray], list[np.ndarray]],
+    test_images: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    names: Sequence[str],
+    note: str,
+    save_as: Path | None = None,
+    extra_train_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train once with weight snapshots; score the final model and every snapshot."""
+    rec: dict[str, Any] = {}
+    with timed(rec, "train"):
+        state, hist = train_fn(*train_data, options=options, **(extra_train_kwargs or {}))
+    if save_as is not None:  # for looking at predictions later, not for the product
+        from safetensors.torch import save_file
+
+        save_as.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(save_as))
+    final = options.model_copy(update=hist.get("tuned_options", {}))
+    with timed(rec, "predict"):
+        preds = [segment_fn(state, im, options=final) for im in test_images]
+    result = score(preds, truths, names) | rec
+    if getattr(options, "tta", False):  # what the test-time flips add, on the same model
+        plain = final.model_copy(update={"tta": False})
+        s = score([segment_fn(state, im, options=plain) for im in test_images], truths, names)
+        result["without_tta"] = {
+            "ap50": s["ap50_image_mean"],
+            "ap_mean": s["ap_mean_image_mean"],
+        }
+    curve = []
+    for step, snap in sorted(hist.get("snapshots", {}).items()):
+        if step == hist["steps"] and not hist.get("best_val_loss"):
+            s = result
+        else:
+            s = score([segment_fn(snap, im, options=final) for im in test_images], truths, names)
+        curve.append(
+            {"step": int(step), "ap50": s["ap50_image_mean"], "ap_mean": s["ap_mean_image_mean"]}
+        )
+    return result | {
+        "steps": hist["steps"],
+        "train_loop_wall_s": round(hist["seconds"], 1),
+        "train_loop_cpu_s": round(hist["cpu_seconds"], 1),
+        "tuned": hist.get("tuned_options", {}),
+        "learning_curve": curve,
+        "note": note,
+    }
+
+
+# ---------------------------------------------------------------------------- nuclei
+
+
+def nuclei(args: argparse.Namespace) -> dict[str, Any]:
+    """nuclei-dsb2018: 100 training / 40 test fields (no pixel size: DSB fields carry none)."""
+    data = load_pairs(DATA / "nuclei-dsb2018")
+    order = hash_order(list(data))
+    train, test = order[:100], order[-40:]
+    if args.quick:
+        train, test = train[:12], test[:6]
+    truths = [data[s]["lab"] for s in test]
+    methods: dict[str, dict] = {}
+
+    # The classical method speaks micrometres: at 0.5 µm/px (a 20× objective), and with the
+    # pixel size set from the estimated nucleus diameter (10 µm), as `--pixel-size auto` does.
+    for key, auto in [("classical (0.5 µm/px)", False), ("classical (estimated scale)", True)]:
+        rec: dict = {}
+        with timed(rec, "predict"):
+            preds = []
+            for s in test:
+                d = estimate_diameter(data[s]["img"]) if auto else None
+                ps = 10.0 / d if d else 0.5
+                preds.append(
+                    segment_nuclei(data[s]["img"], pixel_size_um=ps, options=NucleiOptions())
+                )
+        methods[key] = score(preds, truths, test) | rec
+
+    steps = args.steps or (20 if args.quick else 2400)
+    opts = DistanceUNetOptions(
+        canonical_diameter=args.canonical or None,
+        tta=args.tta,
+        train=TrainOptions(
+            n_steps=steps,
+            batch_size=8,
+            crop_size=128,
+            learning_rate=2e-3,
+            zoom=1.25,
+            augment=True,
+            val_fraction=0.15,
+            val_every=max(steps // 10, 1),
+            patience=100,
+            warmup_steps=min(50, steps // 10),
+            snapshot_steps=snapshots(steps),
+            device=args.device,
+        ),
+    )
+    methods["distance U-Net (resnet18, random init)"] = learned_run(
+        train_fn=train_distance_unet,
+        segment_fn=segment_distance_unet,
+        options=opts,
+        train_data=([data[s]["img"] for s in train], [data[s]["lab"] for s in train]),
+        test_images=[data[s]["img"] for s in test],
+        truths=truths,
+        names=test,
+        save_as=args.save_models / f"nuclei-{args.tag or 'run'}.safetensors"
+        if args.save_models
+        else None,
+        note=f"{steps} steps x 8 crops of 128 px, canonical diameter {args.canonical} px, "
+        f"zoom 1.25 + intensity augmentation, TTA {args.tta}; 15 % of training fields held "
+        "out for early stopping and post-processing",
+    )
+    return {
+        "title": "Nuclei: nuclei-dsb2018",
+        "setup": f"{len(train)} training / {len(test)} test fields of nuclei-dsb2018, split by "
+        "SHA-1 of the name. Learned models start from random weights (no ImageNet weights "
+        "offline). Targets: AP@0.5 >= 0.82, mean AP >= 0.60 within 20 min of CPU training.",
+        "train": train,
+        "test": test,
+        "methods": methods,
+    }
+
+
+# ---------------------------------------------------------------------------- dense cells
+
+
+def dense(args: argparse.Namespace) -> dict[str, Any]:
+    """dense-cells: 5 training / 2 test fields; surface stain + DAPI in."""
+    data, order, train, test = dense_data(args)
+    px = 0.5
+    truths = [data[s]["lab"] for s in test]
+    methods: dict[str, dict] = {}
+    rec: dict = {}
+    with timed(rec, "predict"):
+        preds = [
+            segment_cells(
+                segment_nuclei(data[s]["dapi"], pixel_size_um=px),
+                data[s]["img"],
+                pixel_size_um=px,
+                options=CellOptions(max_expansion_um=4.0),
+            )
+            for s in test
+        ]
+    methods["classical (DAPI nuclei + propagation)"] = score(preds, truths, test) | rec
+    stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
+    steps = args.steps or (20 if args.quick else 2400)
+    opts = DistanceUNetOptions(
+        canonical_diameter=args.canonical or None,
+        scale_channel=None,
+        tta=args.tta,
+        train=TrainOptions(
+            n_steps=steps,
+            batch_size=8,
+            crop_size=128,
+            learning_rate=2e-3,
+            zoom=1.25,
+            augment=True,
+            val_fraction=0.2,
+            val_every=max(steps // 10, 1),
+            patience=100,
+            warmup_steps=min(50, steps // 10),
+            snapshot_steps=snapshots(steps),
+            device=args.device,
+        ),
+    )
+    methods["distance U-Net, supervised (surface + DAPI)"] = learned_run(
+        train_fn=train_distance_unet,
+        segment_fn=segment_distance_unet,
+        options=opts,
+        train_data=([stacks[s] for s in train], [data[s]["lab"] for s in train]),
+        test_images=[stacks[s] for s in test],
+        truths=truths,
+        names=test,
+        save_as=args.save_models / f"dense-{args.tag or 'run'}.safetensors"
+        if args.save_models
+        else None,
+        note=f"{steps} steps x 8 crops of 128 px, canonical diameter {args.canonical} px; "
+        "1 of 5 training fields held out for early stopping and post-processing",
+    )
+    return {
+        "title": "Dense cells: dense-cells (Han et al. 2024)",
+        "setup": f"{len(train)} training / {len(test)} test fields ({', '.join(test)}), split by "
+        "SHA-1 of the name; surface stain (CD3/CD4/CD8) + DAPI. Target: AP@0.5 >= 0.55 "
+        "(Cellpose from scratch 0.615, fine-tuned 0.694 in Han et al., other test strips).",
+        "train": train,
+        "test": test,
+        "methods": methods,
+    }
+
+
+def dense_data(args: argparse.Namespace) -> tuple[dict, list[str], list[str], list[str]]:
+    """dense-cells pairs (+ DAPI), the SHA-1 order, 5 training and 2 test fields; --quick
+    keeps a 384² corner of each field."""
+    data = load_pairs(DATA / "dense-cells", extra=["dapi"])
+    if args.quick:
+        for item in data.values():
+            for k in item:
+                item[k] = item[k][:384, :384]
+    order = hash_order(list(data))
+    return data, order, order[:5], order[5:]
+
+
+def dense_free(args: argparse.Namespace) -> dict[str, Any]:
+    """Routes that use no annotation: they see every field of the 'plate' (all 7), as a
+    per-plate model would, and are scored on the 2 test fields."""
+    data, order, _, test = dense_data(args)
+    truths = [data[s]["lab"] for s in test]
+    px = 0.5
+    stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
+    methods: dict[str, dict] = {}
+    rec: dict = {}
+    with timed(rec, "predict"):
+        pseudo = {s: segment_cells_from_stain(data[s]["img"], pixel_size_um=px) for s in order}
+    methods["classical (surface stain only, no nuclei)"] = (
+        score([pseudo[s] for s in test], truths, test) | rec
+    )
+    steps = args.steps or (20 if args.quick else 2400)
+    opts = DistanceUNetOptions(
+        canonical_diameter=args.canonical or None,
+        scale_channel=None,
+        tune_postprocessing=False,  # no labels to tune on
+        train=TrainOptions(
+            n_steps=steps,
+            batch_size=8,
+            crop_size=128,
+            learning_rate=2e-3,
+            zoom=1.25,
+            augment=True,
+            warmup_steps=min(50, steps // 10),
+            snapshot_steps=snapshots(steps),
+            device=args.device,
+        ),
+    )
+    methods["annotation-free: distance U-Net on surface-stain pseudo-labels"] = learned_run(
+        train_fn=train_distance_unet,
+        segment_fn=segment_distance_unet,
+        options=opts,
+        train_data=([stacks[s] for s in order], [pseudo[s] for s in order]),
+        test_images=[stacks[s] for s in test],
+        truths=truths,
+        names=test,
+        note=f"no labels: trained on the stain-only classical cells of all 7 fields, {steps} steps",
+    )
+    # Yu-lab model: DAPI markers gated by the surface stain's foreground M
+    rec = {}
+    masks = {s: foreground_mask(data[s]["img"], sigma=2, correction=0.5) for s in order}
+    with timed(rec, "markers"):
+        markers = {}
+        for s in order:
+            found = detect_markers(data[s]["dapi"], pixel_size_um=px)
+            markers[s] = gate_markers(found, masks[s], radius=3).loc[:, ["y", "x"]].to_numpy()
+    n_steps = 20 if args.quick else 300
+    unsup = UnsupervisedOptions(
+        patch_size=32,
+        position_sigma=8,
+        depth=2,
+        area_size=256,
+        warmup_steps=5 if args.quick else 50,
+        n_steps=n_steps,
+        learning_rate=2e-3,
+        background_weight=5.0,
+        min_area=40,
+        device=args.device,
+    )
+    with timed(rec, "train"):
+        state, hist = train_unsupervised(
+            [stacks[s] for s in order],
+            [markers[s] for s in order],
+            [masks[s] for s in order],
+            options=unsup,
+        )
+    with timed(rec, "predict"):
+        preds = [segment_unsupervised(state, stacks[s], markers[s], options=unsup) for s in test]
+    methods["annotation-free: Yu-lab model, stain-gated DAPI markers"] = (
+        score(preds, truths, test)
+        | rec
+        | {
+            "steps": len(hist["warmup_loss"]) + len(hist["loss"]),
+            "test_markers": {s: len(markers[s]) for s in test},
+            "note": "markers kept when their 7x7 px neighbourhood is mostly inside M (Otsu x 0.5 "
+            "of the surface stain, holes filled); β = 5, cells < 40 px dropped",
+        }
+    )
+    return {
+        "title": "Dense cells without annotation (dense-cells)",
+        "setup": f"All 7 fields seen without labels, scored on the 2 test fields "
+        f"({', '.join(test)}) against the expert's T-cell masks. DAPI marks every nucleus, "
+        "the surface stain only T cells. Target: AP@0.5 >= 0.40.",
+        "train": order,
+        "test": test,
+        "methods": methods,
+    }
+
+
+SECTIONS: dict[str, Section] = {"nuclei": nuclei, "dense": dense, "dense_free": dense_free}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    dev = args.device
+    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": dev,
+        "device_name": name or platform.machine(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def write_markdown(path: Path, results: dict[str, Any]) -> None:
+    lines = ["# Accuracy benchmarks", "", (__doc__ or "").strip().splitlines()[0], ""]
+    header = (
+        "| method | AP@0.5 | mean AP 0.5:0.95 | AP@0.5 pooled | pred / true | steps | "
+        "train wall / CPU s | predict wall s | learning curve (step: AP@0.5) | notes |"
+    )
+    for key, sec in results["sections"].items():
+        env = sec["machine"]
+        lines += [
+            f"## {sec['title']}",
+            "",
+            sec["setup"],
+            "",
+            f"Run {env['date']} on {env['device']} ({env['device_name']}), {env['threads']} "
+            f"torch thread(s), load average at start {env['load_average_at_start']}; section "
+            f"`{key}` took {sec['wall_s']:.0f} s.",
+            "",
+            header,
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sec["methods"].items():
+            curve = ", ".join(f"{c['step']}: {c['ap50']:.3f}" for c in r.get("learning_curve", []))
+            note = r.get("note", "")
+            if "without_tta" in r:
+                plain = r["without_tta"]
+                note += f"; without test-time flips {plain['ap50']:.3f} / {plain['ap_mean']:.3f}"
+            if r.get("tuned"):
+                picked = ", ".join(f"{k} {v:.3g}" for k, v in r["tuned"].items())
+                note += f"; picked on held-out training fields: {picked}"
+            train = (
+                f"{r['train_wall_s']:.0f} / {r['train_cpu_s']:.0f}" if "train_wall_s" in r else "–"
+            )
+            lines.append(
+                f"| {name} | {r['ap50_image_mean']:.3f} | {r['ap_mean_image_mean']:.3f} | "
+                f"{r['ap50_pooled']:.3f} | {r['n_pred']} / {r['n_true']} | "
+                f"{r.get('steps', '–')} | {train} | {r.get('predict_wall_s', 0):.0f} | "
+                f"{curve or '–'} | {note} |"
+            )
+        lines += ["", *sec.get("findings", []), ""]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke version for CI")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("HCSSEG_BENCH_THREADS", 2)))
+    p.add_argument("--steps", type=int, default=None, help="override every step budget")
+    p.add_argument("--canonical", type=float, default=24.0, help="canonical diameter, px")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tag", default="", help="suffix of the result files (experiments)")
+    p.add_argument("--save-models", type=Path, default=None, help="keep trained weights here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not DATA.is_dir():
+        print(f"data not found: {DATA}; nothing to benchmark")
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = RESULTS / f"{stem}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"sections": {}}
+    for key in args.only.split(","):
+        if key not in SECTIONS:
+            p.error(f"unknown section {key!r}; choose from {list(SECTIONS)}")
+        env = machine(args)
+        t0 = time.perf_counter()
+        sec = SECTIONS[key](args)
+        sec |= {"machine": env, "wall_s": round(time.perf_counter() - t0, 1), "args": vars(args)}
+        results["sections"][key] = sec
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_markdown(RESULTS / f"{stem}.md", results)
+        for name, r in sec["methods"].items():
+            ap50, ap = r["ap50_image_mean"], r["ap_mean_image_mean"]
+            print(f"[{key}] {name}: AP@0.5 {ap50:.3f}  mAP {ap:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

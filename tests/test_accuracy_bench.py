@@ -1,0 +1,47 @@
+"""The accuracy benchmark's smoke version: every recipe trains for a few steps on real data
+through the same functions the full benchmark (and `hcsseg train`) runs, and the report is
+written. Accuracy itself is measured by `python bench/accuracy.py`, not here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, dataset
+
+
+def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
+    dataset(shared_data, "nuclei-dsb2018")
+    dataset(shared_data, "dense-cells")
+    env = os.environ | {
+        "HCSSEG_BENCH_RESULTS": str(tmp_path),
+        "HCSSEG_SHARED_DATA": str(shared_data),
+    }
+    proc = subprocess.run(
+        [sys.executable, "bench/accuracy.py", "--quick", "--threads", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert set(result["sections"]) == {"nuclei", "dense", "dense_free"}
+    for section in result["sections"].values():
+        assert section["machine"]["threads"] == 1
+        for name, method in section["methods"].items():
+            assert 0 <= method["ap50_image_mean"] <= 1, name
+            if "learning_curve" in method:
+                assert [c["step"] for c in method["learning_curve"]] == sorted(
+                    c["step"] for c in method["learning_curve"]
+                )
+    nuclei = result["sections"]["nuclei"]["methods"]
+    # the classical baseline is scored in the same run, and finds nuclei
+    assert nuclei["classical (estimated scale)"]["ap50_image_mean"] > 0.5
+    report = (tmp_path / "accuracy_quick.md").read_text()
+    assert "## Nuclei" in report and "## Dense cells" in report
+

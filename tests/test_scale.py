@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from hcsseg.segment import training
+from hcsseg.segment.distance_unet import (
+    DistanceUNetOptions,
+    FieldMaps,
+    field_factor,
+    segment_distance_unet,
+    train_distance_unet,
+    tune_postprocessing,
+)
+from hcsseg.segment.scale import (
+    MAX_FACTOR,
+    estimate_diameter,
+    median_diameter,
+    resize,
+    resize_labels,
+    scale_factor,
+)
+from hcsseg.segment.training import CropSampler, TrainOptions, intensity_augment
+from tests.conftest import dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def discs(shape: tuple[int, int], diameter: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright non-touching discs of one diameter on a noisy background, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    r = diameter / 2
+    step = int(diameter * 1.6)
+    k = 0
+    for cy in range(step // 2, shape[0] - step // 2, step):
+        for cx in range(step // 2, shape[1] - step // 2, step):
+            jy, jx = rng.integers(-step // 8, step // 8 + 1, 2)
+            k += 1
+            labels[disk((cy + jy, cx + jx), r, shape=shape)] = k
+    image = (labels > 0) * 200.0 + rng.normal(20, 5, shape)
+    return image.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("diameter", [8, 16, 30, 50])
+def test_estimate_diameter_of_discs(diameter: int) -> None:
+    image, labels = discs((400, 400), diameter)
+    est = estimate_diameter(image)
+    assert est is not None
+    # calibrated to real (elliptic) nuclei, so perfect discs read up to ~20 % large
+    assert abs(est / median_diameter(labels) - 1) < 0.3
+
+
+def test_estimate_diameter_of_empty_field_is_none() -> None:
+    assert estimate_diameter(np.zeros((64, 64))) is None
+    assert scale_factor(None, 24) == 1.0
+    assert scale_factor(1.0, 24) == MAX_FACTOR  # a failed estimate cannot blow a field up 24x
+
+
+def test_estimate_diameter_on_real_nuclei(shared_data: Path) -> None:
+    """On real DSB fields the estimate is within 35 % of the true median diameter."""
+    root = dataset(shared_data, "nuclei-dsb2018")
+    ratios = []
+    for f in sorted(root.glob("*_img.tif"))[:12]:
+        lab = tifffile.imread(f.with_name(f.name.replace("_img", "_lab")))
+        est = estimate_diameter(tifffile.imread(f))
+        assert est is not None, f.name
+        ratios.append(est / median_diameter(lab))
+    assert 0.8 < np.median(ratios) < 1.25
+    assert np.mean(np.abs(np.log(ratios)) < np.log(1.35)) >= 0.8
+
+
+def test_resize_labels_keeps_ids_and_resize_keeps_channels() -> None:
+    _, labels = discs((100, 120), 20)
+    big = resize_labels(labels, (200, 240))
+    assert big.dtype == labels.dtype and set(np.unique(big)) == set(np.unique(labels))
+    assert np.array_equal(resize_labels(big, (100, 120)), labels)
+    img = np.random.default_rng(0).random((2, 50, 60)).astype(np.float32)
+    assert resize(img, (25, 30)).shape == (2, 25, 30)
+    assert resize(img[0], (100, 120)).shape == (100, 120)
+
+
+def test_sampler_without_zoom_or_augment_draws_as_before() -> None:
+    img = np.random.default_rng(1).random((1, 80, 80)).astype(np.float32)
+    a = CropSampler([img], [img], 32, np.random.default_rng(5)).sample(4)
+    b = CropSampler([img], [img], 32, np.random.default_rng(5), zoom=1.0).sample(4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_zoom_and_augment_change_image_not_target_alignment() -> None:
+    """A zoomed crop still pairs each image pixel with its target; augmentation touches only
+    the image."""
+    img = np.random.default_rng(2).random((1, 200, 200)).astype(np.float32)
+    s = CropSampler([img], [img.copy()], 64, np.random.default_rng(3), zoom=1.5)
+    x, y = s.sample(6)
+    assert x.shape == y.shape == (6, 1, 64, 64)
+    assert np.allclose(x.numpy(), y.numpy())
+    aug = CropSampler([img], [img.copy()], 64, np.random.default_rng(3), augment=intensity_augment)
+    x, y = aug.sample(6)
+    assert not np.allclose(x.numpy(), y.numpy())
+    assert y.numpy().min() >= 0 and y.numpy().max() <= 1
+
+
+def test_scale_normalised_model_segments_objects_of_unseen_size() -> None:
+    """Trained on 12 px discs only, the model is run on 28 px discs resized to its canonical
+    diameter: the factors come from the labels in training and from the image in inference."""
+    from hcsseg.evaluate.metrics import instance_metrics
+
+    train = [discs((160, 160), 12, seed=s) for s in range(2)]
+    test_img, test_lab = discs((320, 320), 28, seed=9)
+    opts = DistanceUNetOptions(
+        canonical_diameter=16.0,
+        decoder_channels=(32, 16, 16, 8, 8),
+        train=TrainOptions(n_steps=50, batch_size=4, crop_size=64, warmup_steps=5, seed=1),
+    )
+    state, hist = train_distance_unet(
+        [im for im, _ in train], [lab for _, lab in train], options=opts
+    )
+    assert hist["scale_factors"] == pytest.approx([16 / 12] * 2, rel=0.05)
+    assert hist["tuned_options"]["prior_factor"] == pytest.approx(16 / 12, rel=0.05)
+    opts = opts.model_copy(update=hist["tuned_options"])
+    assert field_factor(test_img[None] / 255, opts) == pytest.approx(16 / 28, rel=0.25)
+    pred = segment_distance_unet(state, test_img, options=opts)
+    assert float(instance_metrics(pred, test_lab).ap[0]) > 0.8
+
+
+def test_postprocessing_tuning_picks_the_setting_that_fits_held_out_fields() -> None:
+    _, lab = discs((128, 128), 20)
+    from hcsseg.segment.distance_unet import normalized_distance
+
+    dist = normalized_distance(lab)
+    fg = (lab > 0).astype(np.float32) * 0.45  # a timid foreground: 0.5 would find nothing
+    picked = tune_postprocessing([FieldMaps(dist, fg, lab.shape)], [lab], DistanceUNetOptions())
+    assert picked["foreground_threshold"] < 0.45
+    assert picked["validation_score"] > 0.9
+
+
+def test_tta_averages_flips() -> None:
+    import torch
+
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    img = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    plain = training.predict_dense(model, img, device=torch.device("cpu"), tile=64)
+    tta = training.predict_dense(model, img, device=torch.device("cpu"), tile=64, tta=True)
+    assert plain.shape == tta.shape == (1, 64, 64)
+    assert not np.allclose(plain, tta)
+    flipped = training.predict_dense(
+        model, img[:, :, ::-1].copy(), device=torch.device("cpu"), tile=64, tta=True
+    )
+    assert np.allclose(tta[:, :, ::-1], flipped, atol=1e-5)
