@@ -257,12 +257,16 @@ def _virtual_config(
     steps: int | None,
     encoder: str,
     store: str | None,
+    target_mode: str = "intensity",
 ) -> Any:
     from hcsseg.virtual_stain.model import VirtualStainOptions
     from hcsseg.virtual_stain.plate import VirtualStainConfig
 
     model = VirtualStainOptions(
-        source_channels=sources, target_channel=target, encoder_name=encoder
+        source_channels=sources,
+        target_channel=target,
+        encoder_name=encoder,
+        target_mode=target_mode,  # type: ignore[arg-type]
     )
     if steps is not None:
         model.training.n_steps = steps
@@ -288,6 +292,13 @@ def virtual_stain_cmd(
     model_store: Annotated[
         str | None, typer.Option(help="model folder (default: <plate>_models)")
     ] = None,
+    target_mode: Annotated[
+        str,
+        typer.Option(
+            help="intensity: regress the stain (L1); mask: learn where it is above Otsu's "
+            "threshold (cross-entropy), for markers"
+        ),
+    ] = "intensity",
 ) -> None:
     """Learn the nucleus stain from other channels and write <target>_virtual into every field.
 
@@ -296,7 +307,7 @@ def virtual_stain_cmd(
     FN/FP within 15 µm on fields that have the real stain).
     """
     try:
-        cfg = _virtual_config(source, target, model_id, steps, encoder, model_store)
+        cfg = _virtual_config(source, target, model_id, steps, encoder, model_store, target_mode)
         from flows.virtual_stain import virtual_stain_plate
 
         result = virtual_stain_plate(plate_url, cfg)

@@ -44,4 +44,3 @@ def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
     assert nuclei["classical (estimated scale)"]["ap50_image_mean"] > 0.5
     report = (tmp_path / "accuracy_quick.md").read_text()
     assert "## Nuclei" in report and "## Dense cells" in report
-
