@@ -41,11 +41,11 @@ from hcsseg.segment.classical import (
 )
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
+    recipe,
     segment_distance_unet,
     train_distance_unet,
 )
 from hcsseg.segment.scale import estimate_diameter
-from hcsseg.segment.training import TrainOptions
 from hcsseg.segment.unsupervised import (
     UnsupervisedOptions,
     foreground_mask,
@@ -118,6 +118,27 @@ def learned_run(
     }
 
 
+def unet_options(
+    args: argparse.Namespace, steps: int, *, val_fraction: float = 0.15, **options: Any
+) -> DistanceUNetOptions:
+    """The product's distance U-Net recipe (`distance_unet.recipe`) with this run's budget;
+    validation every tenth of it without stopping early, so the curve covers the budget."""
+    train = recipe().model_copy(
+        update={
+            "n_steps": steps,
+            "val_fraction": val_fraction,
+            "val_every": max(steps // 10, 1),
+            "patience": 100,
+            "warmup_steps": min(50, steps // 10),
+            "snapshot_steps": snapshots(steps, args.quick),
+            "device": args.device,
+        }
+    )
+    return DistanceUNetOptions(
+        canonical_diameter=args.canonical or None, tta=args.tta, train=train, **options
+    )
+
+
 # ---------------------------------------------------------------------------- nuclei
 
 
@@ -146,24 +167,7 @@ def nuclei(args: argparse.Namespace) -> dict[str, Any]:
         methods[key] = score(preds, truths, test) | rec
 
     steps = args.steps or (20 if args.quick else 2400)
-    opts = DistanceUNetOptions(
-        canonical_diameter=args.canonical or None,
-        tta=args.tta,
-        train=TrainOptions(
-            n_steps=steps,
-            batch_size=8,
-            crop_size=128,
-            learning_rate=2e-3,
-            zoom=1.25,
-            augment=True,
-            val_fraction=0.15,
-            val_every=max(steps // 10, 1),
-            patience=100,
-            warmup_steps=min(50, steps // 10),
-            snapshot_steps=snapshots(steps, args.quick),
-            device=args.device,
-        ),
-    )
+    opts = unet_options(args, steps)
     methods["distance U-Net (resnet18, random init)"] = learned_run(
         train_fn=train_distance_unet,
         segment_fn=segment_distance_unet,
@@ -214,25 +218,7 @@ def dense(args: argparse.Namespace) -> dict[str, Any]:
     methods["classical (DAPI nuclei + propagation)"] = score(preds, truths, test) | rec
     stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
     steps = args.steps or (20 if args.quick else 2400)
-    opts = DistanceUNetOptions(
-        canonical_diameter=args.canonical or None,
-        scale_channel=None,
-        tta=args.tta,
-        train=TrainOptions(
-            n_steps=steps,
-            batch_size=8,
-            crop_size=128,
-            learning_rate=2e-3,
-            zoom=1.25,
-            augment=True,
-            val_fraction=0.2,
-            val_every=max(steps // 10, 1),
-            patience=100,
-            warmup_steps=min(50, steps // 10),
-            snapshot_steps=snapshots(steps, args.quick),
-            device=args.device,
-        ),
-    )
+    opts = unet_options(args, steps, val_fraction=0.2, scale_channel=None)
     methods["distance U-Net, supervised (surface + DAPI)"] = learned_run(
         train_fn=train_distance_unet,
         segment_fn=segment_distance_unet,
@@ -286,21 +272,9 @@ def dense_free(args: argparse.Namespace) -> dict[str, Any]:
         score([pseudo[s] for s in test], truths, test) | rec
     )
     steps = args.steps or (20 if args.quick else 2400)
-    opts = DistanceUNetOptions(
-        canonical_diameter=args.canonical or None,
-        scale_channel=None,
-        tune_postprocessing=False,  # no labels to tune on
-        train=TrainOptions(
-            n_steps=steps,
-            batch_size=8,
-            crop_size=128,
-            learning_rate=2e-3,
-            zoom=1.25,
-            augment=True,
-            warmup_steps=min(50, steps // 10),
-            snapshot_steps=snapshots(steps, args.quick),
-            device=args.device,
-        ),
+    # no labels to tune on: nothing is held out
+    opts = unet_options(
+        args, steps, val_fraction=0.0, scale_channel=None, tune_postprocessing=False
     )
     methods["annotation-free: distance U-Net on surface-stain pseudo-labels"] = learned_run(
         train_fn=train_distance_unet,
