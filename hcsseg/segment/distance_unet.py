@@ -349,7 +349,19 @@ def predict_distance_unet(
     maps = FieldMaps(*_predict_at(model, norm, factor, opts), shape)
     if opts.canonical_diameter is not None and opts.refine_scale:
         diameter = _working_diameter(maps, opts)
-        if diameter is not None and abs(np.log(opts.canonical_diameter / diameter)) > np.log(1.25):
+        if opts.scale_channel is not None and factor > 1.5:
+            # Small objects were estimated, so the field is being enlarged. Noise or texture
+            # can fool the estimate, and enlarged texture looks to the network like many
+            # small objects at any scale; so also look at half the enlargement (a quarter
+            # of the pixels) and keep the look whose objects come out nearer the canonical
+            # size (bench/results/accuracy.md: one DSB field, nuclei 40 px, estimated 10).
+            half = FieldMaps(*_predict_at(model, norm, factor / 2, opts), shape)
+            d_half = _working_diameter(half, opts)
+            if d_half is not None and (
+                diameter is None or _off(d_half, opts) < _off(diameter, opts)
+            ):
+                maps, factor, diameter = half, factor / 2, d_half
+        if diameter is not None and _off(diameter, opts) > np.log(1.25):
             # at most 2x either way: a field the first estimate got that wrong is noise
             # or texture the second look cannot be trusted on either
             better = float(
@@ -359,6 +371,11 @@ def predict_distance_unet(
             )
             maps = FieldMaps(*_predict_at(model, norm, better, opts), shape)
     return maps
+
+
+def _off(diameter: float, opts: DistanceUNetOptions) -> float:
+    """How far (log ratio) a working-scale diameter is from the canonical one."""
+    return abs(float(np.log((opts.canonical_diameter or diameter) / diameter)))
 
 
 def _working_diameter(maps: FieldMaps, opts: DistanceUNetOptions) -> float | None:
