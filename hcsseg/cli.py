@@ -453,7 +453,20 @@ def demo(
     except HcssegError as exc:
         _fail(exc)
     typer.echo(f"demo plate {plate.name} at {plate_path}")
-    process(str(plate_path), None, None, None, None, None, "classical", "classical", None, 2, False)
+    process(
+        str(plate_path),
+        nucleus_channel=None,
+        cell_channel=None,
+        well=None,
+        output=None,
+        config=None,
+        nuclei_method=None,
+        cells_method=None,
+        pixel_size=None,
+        virtual_source=None,
+        workers=2,
+        force=False,
+    )
 
 
 def run() -> None:  # pragma: no cover - console entry point

@@ -76,3 +76,10 @@ def test_config_file_methods_survive_and_flags_override(tmp_path):
     path.write_text(json.dumps({"nuclei_method": "watershed"}))
     result = runner.invoke(app, ["process", str(tmp_path / "x.zarr"), "--config", str(path)])
     assert result.exit_code == 2 and "nuclei_method" in result.output
+
+
+def test_demo_command_runs_end_to_end(shared_data, tmp_path):
+    """The README's first command ends in `hcsseg demo`: it must process its plate."""
+    result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--shared-data", str(shared_data)])
+    assert result.exit_code == 0, result.output
+    assert "1 wells processed" in result.output and "cells in total" in result.output

@@ -169,12 +169,17 @@ def segment_cells_from_stain(
     seeds = morphology.h_maxima(landscape, opts.seed_h_um * um).astype(bool) & mask
     merged, _ = ndi.label(ndi.binary_dilation(seeds, morphology.disk(2)) & mask)
     cells = segmentation.watershed(-landscape, np.where(seeds, merged, 0), mask=mask)
-    area = np.bincount(cells.ravel())
-    small = area < min_area
-    small[0] = False
-    cells = np.where(small[cells], 0, cells)
-    out, _, _ = segmentation.relabel_sequential(cells)
+    out, _, _ = segmentation.relabel_sequential(drop_small_objects(cells, min_area))
     return out.astype(np.uint32)
+
+
+def drop_small_objects(labels: np.ndarray, min_area: float) -> np.ndarray:
+    """Labels with the objects below `min_area` pixels set to background (ids unchanged)."""
+    if min_area <= 0:
+        return labels
+    small = np.bincount(labels.ravel()) < min_area
+    small[0] = False
+    return np.where(small[labels], 0, labels)
 
 
 def segment_nuclei(
@@ -257,12 +262,14 @@ def segment_cells(
     if opts.method == "stain" and image is not None:
         from hcsseg.segment.methods import adopt_nucleus_ids  # methods imports this module
 
-        grey = _as_float_2d(image, "cell image")
-        if grey.shape != seeds.shape:
+        if np.shape(image) != seeds.shape:
             raise InputDataError(
-                f"cell image shape {grey.shape} does not match nuclei labels shape {seeds.shape}"
+                f"cell image shape {np.shape(image)} does not match nuclei labels shape "
+                f"{seeds.shape}"
             )
-        return adopt_nucleus_ids(segment_cells_from_stain(grey, pixel_size_um=pixel_size_um), seeds)
+        return adopt_nucleus_ids(
+            segment_cells_from_stain(image, pixel_size_um=pixel_size_um), seeds
+        )
     if image is None or opts.method == "distance":
         return segmentation.expand_labels(seeds, distance=reach).astype(np.uint32)
 

@@ -28,6 +28,7 @@ from skimage import filters, morphology, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment.classical import drop_small_objects
 from hcsseg.segment.scale import (
     estimate_diameter,
     median_diameter,
@@ -484,10 +485,5 @@ def finish_labels(labels: np.ndarray, mask: np.ndarray, min_area: int) -> np.nda
     """Give seedless mask components their own ids, drop small objects, relabel 1..N."""
     orphans, n = ndi.label(mask & (labels == 0))
     out = np.where(orphans > 0, orphans + int(labels.max()), labels) if n else labels
-    if min_area > 0:
-        area = np.bincount(out.ravel())
-        small = area < min_area
-        small[0] = False
-        out = np.where(small[out], 0, out)
-    relabelled, _, _ = segmentation.relabel_sequential(out)
+    relabelled, _, _ = segmentation.relabel_sequential(drop_small_objects(out, min_area))
     return relabelled.astype(np.uint32)

@@ -38,6 +38,7 @@ from skimage import filters, measure, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.segment.classical import drop_small_objects
 from hcsseg.segment.training import (
     StateDict,
     as_channels_first,
@@ -532,12 +533,7 @@ def segment_unsupervised(
     labels = np.where(best >= opts.threshold, ids, 0)[half : half + h, half : half + w]
     if opts.keep_largest_component:
         labels = _largest_components(labels)
-    if opts.min_area:
-        area = np.bincount(labels.ravel())
-        small = area < opts.min_area
-        small[0] = False
-        labels = np.where(small[labels], 0, labels)
-    return labels.astype(np.uint32)
+    return drop_small_objects(labels, opts.min_area).astype(np.uint32)
 
 
 def _largest_components(labels: np.ndarray) -> np.ndarray:
