@@ -16,6 +16,7 @@ from hcsseg.config import ProcessConfig
 from hcsseg.model_store import load_card
 from hcsseg.model_training import TrainConfig, train_plate_segmentation
 from hcsseg.orchestration import gpu_slot
+from hcsseg.report import training_report
 
 
 @task(
@@ -24,24 +25,6 @@ from hcsseg.orchestration import gpu_slot
 def train_task(plate_url: str, config: TrainConfig, store: str) -> str:
     with gpu_slot():
         return train_plate_segmentation(plate_url, config, store=store)
-
-
-def curve_markdown(card: dict[str, Any]) -> str:
-    """A small table of the loss curve so the UI shows how training went."""
-    curve = card.get("loss_curve", [])
-    lines = [
-        f"# {card['model_id']}",
-        "",
-        f"{card.get('compartment')} / {card.get('method')} on {card.get('input_channels')}, "
-        f"labels: {card.get('truth')}, init: {card.get('init')}, "
-        f"{len(card.get('training_fields', []))} fields",
-        "",
-        "| point | loss |",
-        "|---|---|",
-    ]
-    step = max(1, len(curve) // 20)
-    lines += [f"| {i} | {v:.4f} |" for i, v in list(enumerate(curve))[::step]]
-    return "\n".join(lines)
 
 
 @flow(name="train-plate", flow_run_name="train {config.compartment} model on {plate_url}")
@@ -54,7 +37,7 @@ def train_plate(
     model_id = train_task(plate_url, config, store)
     card = load_card(store, model_id)
     create_markdown_artifact(
-        curve_markdown(card),
+        training_report(card),
         key=artifact_key("training", f"{card.get('plate', 'plate')}-{config.kind()}"),
         description=f"training curve of {model_id}",
     )

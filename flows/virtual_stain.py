@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from flows.common import artifact_key
@@ -19,6 +19,7 @@ from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.model_store import latest_model, load_card
 from hcsseg.orchestration import gpu_slot, submit_gpu_work
+from hcsseg.report import training_report
 from hcsseg.virtual_stain.model import KIND
 from hcsseg.virtual_stain.plate import (
     VirtualStainConfig,
@@ -130,6 +131,12 @@ def virtual_stain_plate(
     )
     model_id = config.model_id or _train(plan, config, output)
     card = load_card(config.store(plate_url), model_id)
+    if not config.model_id:  # trained in this run: show how training went
+        create_markdown_artifact(
+            training_report(card),
+            key=artifact_key("vs-training", plan.plate_name),
+            description=f"training curve of {model_id}",
+        )
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     futures = {

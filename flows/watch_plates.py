@@ -2,11 +2,12 @@
 
 Run on a cron schedule (deployments/prefect.yaml). Each run lists the HCS plates in the
 folder, skips those whose status file says they are done (``<tables>/_runs/<plate>.json``,
-see `hcsseg.orchestration.status_path`), and hands the others to `process-plate`: inside
-this flow run by default, or as runs of a deployment when ``options.deployment_name`` is
-set, so a CPU pool (or Dask) does the work while the watcher stays light. Plates handed
-to a deployment are marked ``submitted`` and settled on a later run from the server's
-record of how their run ended, so a watcher never waits on, or duplicates, a long run.
+see `hcsseg.orchestration.status_path`), and hands the others to `plate-pipeline` with
+the watcher's preset: inside this flow run by default, or as runs of a deployment when
+``options.deployment_name`` is set, so a CPU pool (or Dask) does the work while the
+watcher stays light. Plates handed to a deployment are marked ``submitted`` and settled on
+a later run from the server's record of how their run ended, so a watcher never waits on,
+or duplicates, a long run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from prefect import flow, get_client, get_run_logger
 from prefect.exceptions import ObjectNotFound
 
-from flows.process_plate import process_plate
+from flows.plate_pipeline import plate_pipeline
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.orchestration import (
@@ -26,6 +27,7 @@ from hcsseg.orchestration import (
     needs_processing,
     write_status,
 )
+from hcsseg.pipeline.presets import PresetName, set_options
 
 
 def settle_submitted(candidate: PlateCandidate) -> PlateCandidate:
@@ -50,16 +52,22 @@ def settle_submitted(candidate: PlateCandidate) -> PlateCandidate:
 
 
 def submit_plate(
-    candidate: PlateCandidate, deployment: str, config: ProcessConfig, *, attempt: int
+    candidate: PlateCandidate,
+    deployment: str,
+    config: ProcessConfig,
+    *,
+    attempt: int,
+    preset: PresetName = "classical",
 ) -> PlateStatus:
-    """Create a run of ``deployment`` for the plate and return at once."""
+    """Create a run of ``deployment`` (a plate-pipeline deployment) and return at once."""
     from prefect.deployments import run_deployment
 
     run = run_deployment(
         deployment,
         parameters={
             "plate_url": candidate.plate_url,
-            "config": config.model_dump(mode="json", exclude_defaults=True),
+            "preset": preset,
+            "config": set_options(config),
         },
         timeout=0,
         # a second watcher racing this one gets the same flow run back, not a duplicate
@@ -74,9 +82,13 @@ def submit_plate(
 
 @flow(name="watch-plates", flow_run_name="watch {folder}")
 def watch_plates(
-    folder: str, options: WatchOptions | None = None, config: ProcessConfig | None = None
+    folder: str,
+    options: WatchOptions | None = None,
+    config: ProcessConfig | None = None,
+    preset: PresetName = "classical",
 ) -> dict[str, list[str]]:
-    """Process the plates in ``folder`` that have not been processed yet."""
+    """Run the plate pipeline (with `preset`; `config` overrides it) on every plate in
+    ``folder`` that has not been processed yet."""
     logger = get_run_logger()
     options = options or WatchOptions()
     config = config or ProcessConfig()
@@ -92,16 +104,16 @@ def watch_plates(
         "failed": [],
         "waiting": [c.plate_url for c in later],
     }
-    runner = process_plate
+    runner = plate_pipeline
     if options.task_runner is not None:
-        runner = process_plate.with_options(task_runner=build_task_runner(options.task_runner))
+        runner = plate_pipeline.with_options(task_runner=build_task_runner(options.task_runner))
     for cand in now:
         attempt = (cand.status.attempts if cand.status else 0) + 1
         if options.deployment_name:
-            submit_plate(cand, options.deployment_name, config, attempt=attempt)
+            submit_plate(cand, options.deployment_name, config, attempt=attempt, preset=preset)
             report["submitted"].append(cand.plate_url)
             continue
-        state = runner(cand.plate_url, config, return_state=True)
+        state = runner(cand.plate_url, preset, config, return_state=True)
         ok = state.is_completed()
         write_status(
             cand.status_path,

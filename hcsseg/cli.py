@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from hcsseg.errors import HcssegError
+from hcsseg.pipeline.presets import PRESET_HELP
 
 app = typer.Typer(
     help="Segment cells and nuclei in OME-Zarr HCS plates and export per-cell features "
@@ -27,8 +28,11 @@ app = typer.Typer(
 DEBUG = {"on": False}
 # The embedded Prefect server can take longer than Prefect's 20 s default to start on a
 # busy laptop; and the library's own loggers should reach the Prefect UI.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
+# no telemetry from a laptop's embedded server (it cannot reach the internet anyway and
+# logs an ERROR line on every run when it tries)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _fail(exc: BaseException) -> None:
@@ -153,9 +157,8 @@ def info(plate_url: Annotated[str, typer.Argument(help="plate path")]) -> None:
         _fail(exc)
 
 
-def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
-    from hcsseg.config import ProcessConfig
-
+def _config_data(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Options from a JSON file with the flags given on the command line on top."""
     data: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
@@ -170,8 +173,21 @@ def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
                 "ProcessConfig options"
             )
     # flags given on the command line win over the file; flags not given never do
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return ProcessConfig.model_validate(data)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **{k: v for k, v in value.items() if v is not None}}
+        elif isinstance(value, dict):
+            if any(v is not None for v in value.values()):
+                data[key] = {k: v for k, v in value.items() if v is not None}
+        elif value is not None:
+            data[key] = value
+    return data
+
+
+def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
+    from hcsseg.config import ProcessConfig
+
+    return ProcessConfig.model_validate(_config_data(path, overrides))
 
 
 @app.command()
@@ -235,16 +251,119 @@ def process(
             cfg.virtual_stain = _virtual_config(
                 virtual_source, cfg.nucleus_channel or "DAPI", None, None, "resnet18", None
             )
+        if cfg.virtual_stain is None:
+            from hcsseg.processing import plan_plate
+
+            plan_plate(plate_url, cfg)  # bad input fails here, before Prefect starts
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.process_plate import process_plate
+        from hcsseg.orchestration import prefect_api
 
         flow = process_plate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-        result = flow(plate_url, cfg, force=force)
+        with prefect_api():
+            result = flow(plate_url, cfg, force=force)
     except (HcssegError, ValueError) as exc:
         _fail(exc)
     typer.echo(
         f"processed plate {result['plate']}: {result['wells']} wells processed, "
+        f"{result['skipped']} already done, {result['cells']} cells in total; "
+        f"tables in {result['output']}"
+    )
+
+
+@app.command("run")
+def run_cmd(
+    plate_url: Annotated[str, typer.Argument(help="plate path, e.g. plate.zarr")],
+    preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "classical",
+    nucleus_channel: Annotated[
+        str | None, typer.Option(help="nucleus stain channel (default: DAPI/Hoechst/DNA)")
+    ] = None,
+    cell_channel: Annotated[
+        str | None, typer.Option(help="cytoplasm/membrane channel for cell outlines")
+    ] = None,
+    virtual_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="channels the virtual nucleus stain is learnt from where the stain is missing "
+            "(default: bright-field/phase/DIC channels by name, else the cell channel)"
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="training steps per model (default: each recipe's)")
+    ] = None,
+    virtual_steps: Annotated[
+        int | None, typer.Option(help="virtual-staining training steps (default: its recipe)")
+    ] = None,
+    transfer: Annotated[
+        bool,
+        typer.Option(
+            help="fine-tune from a compatible model of an earlier plate when the store has one"
+        ),
+    ] = True,
+    train_deployment: Annotated[
+        str | None,
+        typer.Option(help="train on this GPU-pool deployment, e.g. train-plate/gpu"),
+    ] = None,
+    well: Annotated[list[str] | None, typer.Option(help="only this well (repeatable)")] = None,
+    output: Annotated[
+        str | None, typer.Option(help="folder for Parquet tables (default: <plate>_tables)")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="JSON file with ProcessConfig options (README: Configuration)"),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="wells processed in parallel")] = 2,
+    force: Annotated[bool, typer.Option(help="redo every stage and well")] = False,
+) -> None:
+    """The whole chain for one plate: virtual stain, per-plate training, quality gate,
+    segmentation, features, QC and a report, as one Prefect run (`plate-pipeline`).
+
+    A re-run after a crash resumes at the first unfinished stage (and well).
+    """
+    try:
+        from hcsseg.config import ProcessConfig
+        from hcsseg.pipeline.plan import plan_pipeline
+        from hcsseg.pipeline.presets import preset_config
+
+        data = _config_data(
+            config,
+            {
+                "nucleus_channel": nucleus_channel,
+                "cell_channel": cell_channel,
+                "wells": well or None,
+                "output": output,
+                "train": {
+                    "steps": steps,
+                    "virtual_steps": virtual_steps,
+                    "virtual_sources": virtual_source or None,
+                    "transfer": None if transfer else False,
+                    "deployment": train_deployment,
+                },
+            },
+        )
+        plan = plan_pipeline(plate_url, preset_config(preset, data))  # checks, before Prefect
+        for note in plan.notes:
+            typer.echo(note)
+        overrides = ProcessConfig.model_validate(data)
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        from flows.plate_pipeline import plate_pipeline
+        from hcsseg.orchestration import prefect_api
+
+        flow = plate_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+        # the segmentation subflow's wells: N threads unless the environment names a runner
+        os.environ.setdefault(
+            "HCSSEG_TASK_RUNNER", json.dumps({"kind": "threads", "max_workers": workers})
+        )
+        with prefect_api():
+            result = flow(plate_url, preset, overrides, force=force)  # type: ignore[arg-type]
+    except (HcssegError, ValueError) as exc:
+        _fail(exc)
+    for compartment, chosen in result["models"].items():
+        typer.echo(f"{compartment}: {chosen['model_id'] or chosen['method']} ({chosen['reason']})")
+    typer.echo(
+        f"plate {result['plate']} ({preset}): {result['wells']} wells processed, "
         f"{result['skipped']} already done, {result['cells']} cells in total; "
         f"tables in {result['output']}"
     )
@@ -309,8 +428,10 @@ def virtual_stain_cmd(
     try:
         cfg = _virtual_config(source, target, model_id, steps, encoder, model_store, target_mode)
         from flows.virtual_stain import virtual_stain_plate
+        from hcsseg.orchestration import prefect_api
 
-        result = virtual_stain_plate(plate_url, cfg)
+        with prefect_api():
+            result = virtual_stain_plate(plate_url, cfg)
     except (HcssegError, ValueError) as exc:
         _fail(exc)
     typer.echo(
@@ -374,8 +495,10 @@ def train(
             options=options,
         )
         from flows.train_plate import train_plate
+        from hcsseg.orchestration import prefect_api
 
-        result = train_plate(plate_url, cfg, model_store)
+        with prefect_api():
+            result = train_plate(plate_url, cfg, model_store)
     except (HcssegError, ValueError) as exc:
         _fail(exc)
     typer.echo(f"stored model {result['model_id']} in {result['model_store']}")
@@ -385,14 +508,52 @@ def train(
 def models(
     store: Annotated[Path, typer.Argument(help="model store folder, e.g. plate_models")],
 ) -> None:
-    """List stored models with their channels and validation scores."""
-    from hcsseg.model_store import list_models
+    """List stored models: kind, plate, channels, steps and the model each was fine-tuned
+    from, every fine-tuned model indented under its parent."""
+    from hcsseg.model_store import list_models, parent_id
 
-    for card in list_models(store):
-        typer.echo(
-            f"{card['model_id']}: {card.get('source_channels')} -> {card.get('target_channel')}"
-            f", plate {card.get('plate')}, val loss {card.get('history', {}).get('best_val_loss')}"
+    if not store.is_dir():
+        _fail(HcssegError(f"model store {store} does not exist or is not a folder"))
+    cards = list_models(store)
+    if not cards:
+        typer.echo(f"no models in {store}")
+        return
+    known = {c["model_id"] for c in cards}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for card in cards:
+        parent = parent_id(card)
+        children.setdefault(parent if parent in known else None, []).append(card)
+
+    def line(card: dict[str, Any]) -> str:
+        channels = ",".join(card.get("input_channels") or card.get("source_channels") or [])
+        if card.get("target_channel"):
+            channels += f" -> {card['target_channel']}"
+        history = card.get("history") or {}
+        parent = parent_id(card)
+        origin = "from scratch"
+        if parent:
+            origin = f"parent: {parent}" + ("" if parent in known else " (not in store)")
+        val = history.get("best_val_loss")
+        return (
+            f"{card['model_id']}  {card.get('kind')}  plate {card.get('plate')}  "
+            f"channels {channels}  steps {history.get('steps', '?')}  {origin}"
+            + (f"  val loss {val:.4g}" if isinstance(val, int | float) else "")
         )
+
+    shown: set[str] = set()
+
+    def show(card: dict[str, Any], depth: int) -> None:
+        shown.add(card["model_id"])
+        typer.echo("  " * depth + line(card))
+        for child in children.get(card["model_id"], []):
+            if child["model_id"] not in shown:
+                show(child, depth + 1)
+
+    for card in children.get(None, []):
+        show(card, 0)
+    for card in cards:  # cards that name each other as parents (edited by hand): unindented
+        if card["model_id"] not in shown:
+            show(card, 0)
 
 
 @app.command()

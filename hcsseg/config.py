@@ -18,6 +18,67 @@ CELL_NAMES = re.compile(
 )
 
 
+class PlateTraining(BaseModel):
+    """Models a plate run trains on the plate itself before segmenting it (presets fill this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nuclei: Literal["distance_unet", "fpn2ws"] | None = Field(
+        None, description="nucleus model to train on this plate; None: no nucleus training"
+    )
+    cells: Literal["distance_unet", "unsupervised"] | None = Field(
+        None, description="cell model to train on this plate; None: no cell training"
+    )
+    nuclei_truth: str | None = Field(
+        None,
+        description="ground-truth nucleus labels in the plate (e.g. nuclei_gt); without them "
+        "the nucleus model learns from classical pseudo-labels on the real nucleus stain",
+    )
+    cells_truth: str | None = Field(
+        None,
+        description="ground-truth cell labels in the plate (e.g. cells_gt); without them "
+        "distance_unet learns from classical cells, unsupervised from nucleus markers",
+    )
+    cell_pseudo_labels: Literal["propagation", "stain"] = Field(
+        "propagation",
+        description="classical cells that teach a distance_unet cell model without ground "
+        "truth: grown from the nuclei, or found in the cell stain alone (surface stains)",
+    )
+    steps: int | None = Field(
+        None, ge=1, description="training steps of every model (default: each method's recipe)"
+    )
+    transfer: bool = Field(
+        True,
+        description="fine-tune from a compatible model of an earlier plate in the model "
+        "store (same method, compartment, channels) with fewer steps, instead of from scratch",
+    )
+    gate: bool = Field(
+        True,
+        description="score each new model against the classical baseline on held-back fields "
+        "and segment with whichever wins",
+    )
+    gate_fields: int = Field(
+        4, ge=1, description="fields held back from training for the quality gate (at most)"
+    )
+    max_fields: int = Field(32, ge=1, description="training fields read per model (memory)")
+    virtual_stain: Literal["missing", "never"] = Field(
+        "missing",
+        description="missing: learn the nucleus stain from other channels when some fields "
+        "lack it (virtual_sources, or label-free/membrane channels found by name)",
+    )
+    virtual_sources: list[str] | None = Field(
+        None, description="channels the virtual nucleus stain is learnt from; default: by name"
+    )
+    virtual_steps: int | None = Field(
+        None, ge=1, description="virtual-staining training steps (default: its recipe)"
+    )
+    deployment: str | None = Field(
+        None,
+        description="train on this GPU-pool deployment (e.g. train-plate/gpu); default: "
+        "$HCSSEG_TRAIN_DEPLOYMENT, else in this run",
+    )
+
+
 class ProcessConfig(BaseModel):
     """What `process_plate` segments, measures and where it writes tables."""
 
@@ -75,6 +136,11 @@ class ProcessConfig(BaseModel):
     )
     typical_nucleus_um: float = Field(
         10.0, gt=0, description="nucleus diameter an estimated scale maps to, micrometres"
+    )
+    train: PlateTraining | None = Field(
+        None,
+        description="train models on this plate first (the annotation-free and supervised "
+        "presets of `hcsseg run` fill this in)",
     )
     nuclei: NucleiOptions = Field(default_factory=NucleiOptions)
     cells: CellOptions = Field(default_factory=CellOptions)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -29,6 +30,8 @@ from hcsseg.errors import ModelError
 
 WEIGHTS = "weights.safetensors"
 CARD = "model_card.json"
+
+log = logging.getLogger(__name__)
 
 
 def default_store(plate_url: str, model_store: str | None = None) -> Path:
@@ -128,7 +131,9 @@ def load_model(store: str | Path, model: str) -> tuple[dict[str, torch.Tensor], 
 
 
 def list_models(store: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Cards of all complete models, oldest first."""
+    """Cards of all complete models, oldest first; a damaged card is skipped with a warning
+    naming its file (a model that silently vanished from the listing would be retrained or,
+    worse, a stale one picked in its place)."""
     root = Path(store)
     cards = []
     if root.is_dir():
@@ -137,7 +142,11 @@ def list_models(store: str | Path, kind: str | None = None) -> list[dict[str, An
                 continue
             try:
                 card = json.loads((folder / CARD).read_text())
-            except ValueError:
+            except ValueError as exc:
+                log.warning("model card %s is not valid JSON, skipped: %s", folder / CARD, exc)
+                continue
+            if not isinstance(card, dict):
+                log.warning("model card %s is not a JSON object, skipped", folder / CARD)
                 continue
             if kind is None or card.get("kind") == kind:
                 cards.append(card)
@@ -147,6 +156,40 @@ def list_models(store: str | Path, kind: str | None = None) -> list[dict[str, An
 def latest_model(store: str | Path, kind: str, *, plate: str | None = None) -> str | None:
     cards = [c for c in list_models(store, kind) if plate is None or c.get("plate") == plate]
     return cards[-1]["model_id"] if cards else None
+
+
+def find_model(store: str | Path, *, request_id: str) -> str | None:
+    """The latest model whose card carries `request_id`: how a caller that handed training to
+    another process (a GPU deployment) finds the model it asked for."""
+    cards = [c for c in list_models(store) if c.get("request_id") == request_id]
+    return cards[-1]["model_id"] if cards else None
+
+
+def parent_id(card: dict[str, Any]) -> str | None:
+    """The model a stored model was fine-tuned from: `parent_model` of a segmentation model,
+    `fine_tuned_from` of a virtual-staining model; None when trained from scratch."""
+    return card.get("parent_model") or card.get("fine_tuned_from")
+
+
+def lineage(store: str | Path, model_id: str) -> list[str]:
+    """The model, its parent, the parent's parent, ... A parent no longer in the store ends
+    the chain (its id is still listed); an unknown `model_id` is a ModelError."""
+    chain: list[str] = []
+    current: str | None = model_id
+    while current is not None:
+        try:
+            card = load_card(store, current)
+        except ModelError:
+            if not chain:
+                raise
+            chain.append(current)
+            break
+        current_id = card.get("model_id", current)
+        if current_id in chain:
+            raise ModelError(f"model cards in {store} name each other as parents: {chain}")
+        chain.append(current_id)
+        current = parent_id(card)
+    return chain
 
 
 def check_card_channels(card: dict[str, Any], available: list[str], *, where: str) -> None:

@@ -15,6 +15,7 @@ import fnmatch
 import importlib
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,8 @@ PLATE_RESOURCE_PREFIX = "hcs.plate."
 TASK_RUNNER_ENV = "HCSSEG_TASK_RUNNER"
 GPU_DEPLOYMENT_ENV = "HCSSEG_GPU_DEPLOYMENT"
 STATUS_DIR = "_runs"
+SERVER_TIMEOUT_ENV = "HCSSEG_SERVER_STARTUP_TIMEOUT"
+SERVER_TIMEOUT_DEFAULT = 600.0
 
 PlateState = Literal["submitted", "completed", "failed"]
 
@@ -234,6 +237,69 @@ def task_runner_from_env(
 ) -> TaskRunner:
     """The task runner ``$HCSSEG_TASK_RUNNER`` asks for, else ``default`` (thread pool)."""
     return build_task_runner(task_runner_config_from_env(env) or default)
+
+
+@contextlib.contextmanager
+def prefect_api(timeout: float | None = None) -> Iterator[str]:
+    """A Prefect API for one command: the configured server, else an embedded one started
+    here, once, before the first flow and stopped after the last.
+
+    Prefect would start its own on first use with a 20 s budget, and again in every process
+    that lacks the address; on a loaded machine that fails before any work begins. The
+    budget here is generous ($HCSSEG_SERVER_STARTUP_TIMEOUT, default 600 s), a failure is
+    one clear error, and SIGTERM stops the server instead of orphaning it.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield str(configured)
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    budget = timeout or float(os.environ.get(SERVER_TIMEOUT_ENV, SERVER_TIMEOUT_DEFAULT))
+    # a laptop's server has no business phoning home (and logs an ERROR when it cannot)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = SubprocessASGIServer()
+    try:
+        server.start(timeout=int(budget))
+    except RuntimeError as exc:
+        server.stop()
+        raise HcssegError(
+            f"Prefect's embedded server did not answer within {budget:g} s (a busy machine?); "
+            f"raise ${SERVER_TIMEOUT_ENV} or set PREFECT_API_URL to a running server "
+            f"(`prefect server start`): {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        server.stop()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url  # worker processes (Dask) find it too
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        _drain_clients()
+        server.stop()
+
+
+def _drain_clients(timeout: float = 30.0) -> None:
+    """Send queued events and logs while the server still listens (else each is retried
+    against a closed port and logged as an error)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ FIELD_METADATA = (
     "Metadata_ImagePath",
     "Metadata_NucleusChannel",
     "Metadata_NucleusChannelSource",
+    "Metadata_NucleiModel",
+    "Metadata_CellsModel",
 )
 
 
@@ -142,11 +144,13 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     if len(set(tokens)) != len(tokens):
         raise HcssegError(f"channels {measure} map to clashing feature tokens {tokens}")
     store = config.store(str(plate_url))
+    # a model reading the nucleus stain reads its virtual prediction where the stain is missing
+    readable = everywhere + [c.removesuffix(VIRTUAL_SUFFIX) for c in everywhere if c == fallback]
     nuclei_model = _resolve_model(
-        store, "nuclei", config.nuclei_method, config.nuclei_model, plate.name, everywhere
+        store, "nuclei", config.nuclei_method, config.nuclei_model, plate.name, readable
     )
     cells_model = _resolve_model(
-        store, "cells", config.cells_method, config.cells_model, plate.name, everywhere
+        store, "cells", config.cells_method, config.cells_model, plate.name, readable
     )
     return PlatePlan(
         plate_url=str(plate_url),
@@ -305,22 +309,81 @@ def segmentation_pixel_size(
     return pixel_size_from_objects(nucleus, config.typical_nucleus_um) or pixel_size_um
 
 
-def _segmenter(plan: PlatePlan, compartment: str, config: ProcessConfig) -> Segmenter:
-    method = config.nuclei_method if compartment == "nuclei" else config.cells_method
-    model = plan.nuclei_model if compartment == "nuclei" else plan.cells_model
+def make_segmenter(
+    compartment: str, method: str, model: str | None, store: str | None, config: ProcessConfig
+) -> Segmenter:
+    """The classical baseline with the run's options, or a stored model with its card."""
     if model is None:
         card = {"weights": "nuclei" if compartment == "nuclei" else "cyto"}
         return Segmenter(method, card=card, nuclei_options=config.nuclei, cell_options=config.cells)
-    state, card = load_model(plan.model_store or "", model)
+    state, card = load_model(store or "", model)
     return Segmenter(method, state=state, card=card)
 
 
-def _inputs(
+def _segmenter(plan: PlatePlan, compartment: str, config: ProcessConfig) -> Segmenter:
+    method = config.nuclei_method if compartment == "nuclei" else config.cells_method
+    model = plan.nuclei_model if compartment == "nuclei" else plan.cells_model
+    return make_segmenter(compartment, method, model, plan.model_store, config)
+
+
+def readable_channels(wanted: list[str], present: list[str]) -> list[str]:
+    """Channel names to read for `wanted`: a missing stain is read from its virtual channel."""
+    return [
+        c if c in present or f"{c}{VIRTUAL_SUFFIX}" not in present else f"{c}{VIRTUAL_SUFFIX}"
+        for c in wanted
+    ]
+
+
+def segmenter_input(
     segmenter: Segmenter, plate: Plate, ref: FieldRef, fallback: np.ndarray | None
 ) -> np.ndarray | None:
     """The image a segmenter reads: its model's input channels, else the fallback image."""
     names = (segmenter.card or {}).get("input_channels")
-    return plate.read_channels(ref, names) if names else fallback
+    if not names:
+        return fallback
+    return plate.read_channels(ref, readable_channels(list(names), plate.channel_names(ref)))
+
+
+@dataclass
+class SegmentedField:
+    """One field's labels and the images they came from (kept for measuring)."""
+
+    nuclei: np.ndarray
+    cells: np.ndarray
+    images: dict[str, np.ndarray]
+    nucleus_channel: str
+    pixel_size_um: float
+    segmentation_pixel_size_um: float
+
+
+def segment_field(
+    plate: Plate,
+    ref: FieldRef,
+    *,
+    nucleus_channel: str,
+    cell_channel: str | None,
+    nuclei_seg: Segmenter,
+    cells_seg: Segmenter,
+    config: ProcessConfig,
+    extra_channels: list[str] | None = None,
+) -> SegmentedField:
+    """Nuclei then cells of one field, as a plate run (and its quality gate) does them."""
+    names = plate.channel_names(ref)
+    nucleus = readable_channels([nucleus_channel], names)[0]
+    wanted = list(dict.fromkeys([*(extra_channels or []), nucleus, cell_channel or nucleus]))
+    images = dict(zip(wanted, plate.read_channels(ref, wanted), strict=True))
+    for name, image in images.items():
+        _check_finite(image, plate, ref, name)
+    px = config.pixel_size_um or plate.pixel_size_um(ref)
+    seg_px = segmentation_pixel_size(images[nucleus], px, config)
+    nuclei = nuclei_seg.nuclei(
+        segmenter_input(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=seg_px
+    )
+    cell_image = images[cell_channel] if cell_channel else None
+    cells = cells_seg.cells(
+        nuclei, segmenter_input(cells_seg, plate, ref, cell_image), pixel_size_um=seg_px
+    )
+    return SegmentedField(nuclei, cells, images, nucleus, px, seg_px)
 
 
 def process_well(
@@ -341,24 +404,18 @@ def process_well(
     cells_seg = _segmenter(plan, "cells", config)
     for ref in refs:
         remove_stale_temporaries(plate, ref)
-        names = plate.channel_names(ref)
-        nucleus = plan.nucleus_channel
-        if nucleus not in names:
-            nucleus = f"{nucleus}{VIRTUAL_SUFFIX}"
-        present = [c for c in plan.measure_channels if c in names]
-        wanted = list(dict.fromkeys([*present, nucleus, plan.cell_channel or nucleus]))
-        images = dict(zip(wanted, plate.read_channels(ref, wanted), strict=True))
-        for name, image in images.items():
-            _check_finite(image, plate, ref, name)
-        px = config.pixel_size_um or plate.pixel_size_um(ref)
-        seg_px = segmentation_pixel_size(images[nucleus], px, config)
-        nuclei = nuclei_seg.nuclei(
-            _inputs(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=seg_px
+        present = [c for c in plan.measure_channels if c in plate.channel_names(ref)]
+        seg = segment_field(
+            plate,
+            ref,
+            nucleus_channel=plan.nucleus_channel,
+            cell_channel=plan.cell_channel,
+            nuclei_seg=nuclei_seg,
+            cells_seg=cells_seg,
+            config=config,
+            extra_channels=present,
         )
-        cell_image = images[plan.cell_channel] if plan.cell_channel else None
-        cells = cells_seg.cells(
-            nuclei, _inputs(cells_seg, plate, ref, cell_image), pixel_size_um=seg_px
-        )
+        nuclei, cells, images, nucleus = seg.nuclei, seg.cells, seg.images, seg.nucleus_channel
         provenance = {
             "nucleus_channel": nucleus,
             "nuclei_method": config.nuclei_method,
@@ -370,7 +427,7 @@ def process_well(
         write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
 
         features = measure_objects(
-            nuclei, cells, {tokens[c]: images[c] for c in present}, pixel_size_um=px
+            nuclei, cells, {tokens[c]: images[c] for c in present}, pixel_size_um=seg.pixel_size_um
         )
         meta = {
             "Metadata_Plate": plan.plate_name,
@@ -381,6 +438,8 @@ def process_well(
             "Metadata_NucleusChannelSource": (
                 "virtual" if nucleus.endswith(VIRTUAL_SUFFIX) else "measured"
             ),
+            "Metadata_NucleiModel": plan.nuclei_model or config.nuclei_method,
+            "Metadata_CellsModel": plan.cells_model or config.cells_method,
         }
         features = pd.concat(
             [pd.DataFrame({k: [v] * len(features) for k, v in meta.items()}), features], axis=1
@@ -392,7 +451,7 @@ def process_well(
         qc["Image_Count_Cells"] = _count(cells)
         qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
         # the scale the classical methods worked at (µm/px), estimated or from metadata
-        qc["Metadata_SegmentationPixelSize"] = float(seg_px)
+        qc["Metadata_SegmentationPixelSize"] = float(seg.segmentation_pixel_size_um)
         for name in present:
             image = images[name]
             sat = (

@@ -171,11 +171,13 @@ def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
         "/work_pools/",
         {"name": POOL, "type": "process", "base_job_template": template},
     )
-    names = ["--name", "on-demand"] + (["--name", "on-plate-ready"] if with_event else [])
+    names = ["--name", "process-plate/on-demand"] + (
+        ["--name", "plate-pipeline/on-plate-ready"] if with_event else []
+    )
     _cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *names)
     _cli(env, "deployment", "run", "process-plate/on-demand", "--param", f"plate_url={on_demand}")
     (run,) = _runs_of(env, "process-plate/on-demand")
-    run_ids = {run["id"]: on_demand}
+    run_ids = {run["id"]: (on_demand, "plate-qc-demo-synthetic")}
 
     if with_event:
         evented = synthetic_plate(
@@ -188,21 +190,21 @@ def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
         )
         _api(env, "POST", "/events", [event.model_dump(mode="json")])
         deadline = time.monotonic() + 60
-        while not (triggered := _runs_of(env, "process-plate/on-plate-ready")):
+        while not (triggered := _runs_of(env, "plate-pipeline/on-plate-ready")):
             assert time.monotonic() < deadline, "hcs.plate.ready did not trigger a flow run"
             time.sleep(1)
-        assert triggered[0]["parameters"] == {"plate_url": evented}
-        run_ids[triggered[0]["id"]] = evented
+        assert triggered[0]["parameters"] == {"plate_url": evented, "preset": "classical"}
+        run_ids[triggered[0]["id"]] = (evented, "pipeline-report-demo-synthetic")
 
     _cli(env, "worker", "start", "--pool", POOL, "--run-once", timeout=300)
 
-    for run_id, plate_url in run_ids.items():
+    for run_id, (plate_url, key) in run_ids.items():
         flow_run, artifacts = _read_flow_run(env, run_id)
         assert flow_run.state is not None
         assert flow_run.state.is_completed(), (flow_run.state.type, flow_run.state.message)
         _check_outputs(plate_url)
         keys = {a.key for a in artifacts if a.flow_run_id == flow_run.id}
-        assert "plate-qc-demo-synthetic" in keys, keys
+        assert key in keys, keys
 
 
 def test_deploy_run_and_trigger_on_a_sqlite_server(tmp_path):

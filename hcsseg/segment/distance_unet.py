@@ -6,10 +6,11 @@ objects weigh alike) and the foreground. Instances are recovered by a seeded wat
 the predicted distance: seeds are its h-maxima, flooding stays inside the predicted
 foreground.
 
-The network can start from random weights, from cached ImageNet weights, or from a plate's
+The network can start from random weights, from cached ImageNet weights, from a plate's
 virtual-staining U-Net with the same encoder (in-silico-labelling pretraining: a model that
 learnt to predict the nucleus stain from the other channels has already learnt where nuclei
-are, so few annotated fields suffice).
+are, so few annotated fields suffice), or from a whole distance U-Net trained on an earlier
+plate (fine-tuning: the new plate needs only a fraction of the steps).
 """
 
 from __future__ import annotations
@@ -219,14 +220,17 @@ def train_distance_unet(
     *,
     options: DistanceUNetOptions | None = None,
     init_state: StateDict | None = None,
+    parent_state: StateDict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train on (image, labels) pairs: ground truth or pseudo-labels of a plate's fields.
 
     `images`: (Y, X) or (C, Y, X); `labels`: matching 2-D instance labels (or non-overlapping
     (N, Y, X) stacks). `init_state`: a virtual-staining U-Net state dict whose encoder (and
     decoder, see `isl_transfer`) is copied before training; a different encoder or channel
-    count raises ModelError. Returns CPU state dict and history (losses per step, validation
-    losses, seconds, what was transferred)."""
+    count raises ModelError. `parent_state`: a whole distance U-Net (another plate's model)
+    to fine-tune; it must fit `options`' encoder and decoder and the images' channel count.
+    Returns CPU state dict and history (losses per step, validation losses, seconds, what
+    was transferred)."""
     opts = options or DistanceUNetOptions()
     imgs, labs = check_pairs(images, labels)
     lo, hi = opts.train.normalize_percentiles
@@ -241,8 +245,19 @@ def train_distance_unet(
         for lab, f in zip(labs, factors, strict=True)
     ]
     rng = seed_everything(opts.train.seed)
-    model = build_model(norm[0].shape[0], opts)
-    history_extra: dict[str, Any] = {"init": opts.init, "transferred_tensors": 0}
+    if parent_state is not None:
+        if init_state is not None:
+            raise ModelError("give init_state (virtual-staining init) or parent_state, not both")
+        want = first_conv_in_channels(parent_state)
+        if want != norm[0].shape[0]:
+            raise ModelError(
+                f"parent_state expects {want} channel(s); the images have {norm[0].shape[0]}"
+            )
+        model = _load(parent_state, opts)
+        history_extra: dict[str, Any] = {"init": "parent", "transferred_tensors": len(parent_state)}
+    else:
+        model = build_model(norm[0].shape[0], opts)
+        history_extra = {"init": opts.init, "transferred_tensors": 0}
     if init_state is not None:
         prefixes = ("encoder.",) if opts.isl_transfer == "encoder" else ("encoder.", "decoder.")
         keys = transfer_weights(model, init_state, prefixes=prefixes, what="init_state")

@@ -123,13 +123,15 @@ def train_fpn2ws(
     *,
     options: FPN2WSOptions | None = None,
     init_state: StateDict | None = None,
+    parent_state: StateDict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train both FPNs on (image, labels) pairs.
 
     `init_state` is either a saved FPN2-WS pair (training resumes from it) or any smp model
     with the same encoder, e.g. a plate's virtual-staining U-Net, whose encoder then
-    initialises both FPNs. Returns the CPU state dict (keys `distance.*`, `border.*`) and
-    the training history."""
+    initialises both FPNs. `parent_state` is an FPN2-WS pair of an earlier plate to
+    fine-tune (nothing else is accepted there). Returns the CPU state dict (keys
+    `distance.*`, `border.*`) and the training history."""
     opts = options or FPN2WSOptions()
     imgs, labs = check_pairs(images, labels)
     lo, hi = opts.train.normalize_percentiles
@@ -137,19 +139,26 @@ def train_fpn2ws(
     targets = [fpn2ws_targets(lab, opts.border_sigma) for lab in labs]
     rng = seed_everything(opts.train.seed)
     init = opts.init
-    if init_state is None or not any(k.startswith("distance.") for k in init_state):
+    what = "init_state" if parent_state is None else "parent_state"
+    start = init_state if parent_state is None else parent_state
+    whole = start is not None and any(k.startswith("distance.") for k in start)
+    if parent_state is not None and (init_state is not None or not whole):
+        raise ModelError(
+            "parent_state must be an FPN2-WS pair (distance.*, border.*) and excludes init_state"
+        )
+    if start is None or not whole:
         model: nn.Module = build_model(norm[0].shape[0], opts)
-        if init_state is not None:
+        if start is not None:
             for net in (model.distance, model.border):
-                transfer_weights(net, init_state, prefixes=("encoder.",), what="init_state")
+                transfer_weights(net, start, prefixes=("encoder.",), what="init_state")
             init = "encoder of init_state"
     else:
-        model = _load(init_state, opts)
-        init = "resumed from init_state"
+        model = _load(start, opts)
+        init = "parent" if parent_state is not None else "resumed from init_state"
         want = first_conv_in_channels(model.state_dict(), prefix="distance.encoder.")
         if want != norm[0].shape[0]:
             raise ModelError(
-                f"init_state expects {want} channel(s); the images have {norm[0].shape[0]}"
+                f"{what} expects {want} channel(s); the images have {norm[0].shape[0]}"
             )
     train_idx, val_idx = split_train_val(len(norm), opts.train.val_fraction, rng)
     crop = opts.train.crop_size

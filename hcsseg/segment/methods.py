@@ -45,16 +45,26 @@ def train_method(
     *,
     options: dict[str, Any] | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
+    parent_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train `method` on images with labels (supervised) or marker arrays (unsupervised)."""
+    """Train `method` on images with labels (supervised) or marker arrays (unsupervised).
+
+    `init_state`: a virtual-staining U-Net to initialise from (smp methods); `parent_state`:
+    the whole model of the same method from an earlier plate, to fine-tune."""
     opts = parse_options(method, options)
     if method == "distance_unet":
         return distance_unet.train_distance_unet(
-            images, targets, options=opts, init_state=init_state
+            images, targets, options=opts, init_state=init_state, parent_state=parent_state
         )
     if method == "fpn2ws":
-        return fpn2ws.train_fpn2ws(images, targets, options=opts, init_state=init_state)
-    return unsupervised.train_unsupervised(images, targets, options=opts, init_state=init_state)
+        return fpn2ws.train_fpn2ws(
+            images, targets, options=opts, init_state=init_state, parent_state=parent_state
+        )
+    if init_state is not None and parent_state is not None:
+        raise ModelError("give init_state or parent_state, not both")
+    # the annotation-free model's init_state already is a whole patch U-Net to start from
+    start = parent_state if parent_state is not None else init_state
+    return unsupervised.train_unsupervised(images, targets, options=opts, init_state=start)
 
 
 def centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

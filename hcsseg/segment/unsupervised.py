@@ -448,6 +448,7 @@ def train_unsupervised(
         hist["loss"].append(float(loss.item()))
         for k, v in parts.items():
             hist[k].append(v)
+    hist["steps"] = opts.warmup_steps + opts.n_steps
     hist["seconds"] = time.perf_counter() - t0
     hist["cpu_seconds"] = time.process_time() - cpu0
     hist["device"] = str(device)
