@@ -16,7 +16,11 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from flows.common import artifact_key
@@ -101,22 +105,35 @@ def gate_task(
     return run_gate(plan, stage, model_id, config, nuclei=segmenter)
 
 
-def _staged(
-    ledger: StageLedger, stages: list[dict[str, Any]], name: str, key: str, work: Any
-) -> dict[str, Any]:
-    """Run `work()` unless the ledger holds this stage with this key; record it after."""
-    logger = get_run_logger()
-    found = ledger.get(name, key)
-    if found is not None:
-        logger.info("stage %s already done by an earlier run; resuming after it", name)
-        stages.append({"stage": name, "state": "done earlier", "seconds": None})
-        return found
-    t0 = time.perf_counter()
-    result = work()
-    seconds = time.perf_counter() - t0
-    ledger.record(name, key, result, seconds=seconds)
-    stages.append({"stage": name, "state": "done", "seconds": round(seconds, 1)})
-    return result
+class _Stages:
+    """Runs stages once (the ledger remembers finished ones) and shows progress in the UI."""
+
+    def __init__(self, ledger: StageLedger, total: int, plate_name: str) -> None:
+        self.ledger, self.total = ledger, total
+        self.done: list[dict[str, Any]] = []
+        self.progress = create_progress_artifact(
+            progress=0.0,
+            key=artifact_key("pipeline-progress", plate_name),
+            description=f"pipeline stages done for plate {plate_name}",
+        )
+
+    def note(self, entry: dict[str, Any]) -> None:
+        self.done.append(entry)
+        update_progress_artifact(self.progress, 100.0 * len(self.done) / self.total)
+
+    def run(self, name: str, key: str, work: Any) -> dict[str, Any]:
+        """`work()` unless the ledger holds this stage with this key; recorded after."""
+        found = self.ledger.get(name, key)
+        if found is not None:
+            get_run_logger().info("stage %s already done by an earlier run; skipped", name)
+            self.note({"stage": name, "state": "done earlier", "seconds": None})
+            return found
+        t0 = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - t0
+        self.ledger.record(name, key, result, seconds=seconds)
+        self.note({"stage": name, "state": "done", "seconds": round(seconds, 1)})
+        return result
 
 
 @flow(name="plate-pipeline", flow_run_name="{preset} pipeline on {plate_url}")
@@ -140,7 +157,9 @@ def plate_pipeline(
     ledger = StageLedger(plan.output_root, plan.plate_name)
     if force:
         ledger.clear()
-    stages: list[dict[str, Any]] = []
+    gated = plan.training is None or plan.training.gate
+    total = (plan.virtual_stain is not None) + len(plan.train) * (1 + gated) + 1
+    stages = _Stages(ledger, total, plan.plate_name)
 
     if plan.virtual_stain is not None:
         vs_config = plan.virtual_stain
@@ -149,7 +168,7 @@ def plate_pipeline(
             result = virtual_stain_plate(plate_url, vs_config, output=cfg.output, wells=cfg.wells)
             return {"model_id": result["model_id"], "qc": result["qc"]}
 
-        vs = _staged(ledger, stages, "virtual-stain", plan.virtual_stain_key or "", stain)
+        vs = stages.run("virtual-stain", plan.virtual_stain_key or "", stain)
         logger.info("virtual stain: model %s, QC %s", vs["model_id"], vs["qc"])
 
     chosen: dict[str, dict[str, Any]] = {
@@ -158,9 +177,7 @@ def plate_pipeline(
     }
     gates: list[dict[str, Any]] = []
     for stage in plan.train:
-        trained = _staged(
-            ledger,
-            stages,
+        trained = stages.run(
             stage.name,
             stage.key,
             lambda stage=stage: {"model_id": train_task(plan, stage)},
@@ -174,9 +191,7 @@ def plate_pipeline(
             }
             continue
         nuclei = chosen["nuclei"]
-        gate = _staged(
-            ledger,
-            stages,
+        gate = stages.run(
             f"gate-{stage.compartment}",
             stage_key(stage.key, model_id, nuclei["method"], nuclei["model_id"]),
             lambda stage=stage, model_id=model_id, nuclei=nuclei: gate_task(
@@ -210,7 +225,7 @@ def plate_pipeline(
         segment = process_plate.with_options(task_runner=task_runner_from_env())
     t0 = time.perf_counter()
     result = segment(plate_url, segment_config, force=force)
-    stages.append(
+    stages.note(
         {
             "stage": "segment-measure-qc",
             "state": f"{result['wells']} wells done, {result['skipped']} done earlier",
@@ -227,7 +242,7 @@ def plate_pipeline(
     well_qc = pd.read_parquet(summary) if summary.exists() else pd.DataFrame()
     create_markdown_artifact(
         pipeline_report(
-            well_qc, plate_name=plan.plate_name, models=chosen, gates=gates, stages=stages
+            well_qc, plate_name=plan.plate_name, models=chosen, gates=gates, stages=stages.done
         ),
         key=artifact_key("pipeline-report", plan.plate_name),
         description=f"{preset} pipeline on {plan.plate_name}: stages, models, quality gate",
@@ -238,5 +253,5 @@ def plate_pipeline(
         "virtual_stain": plan.virtual_stain is not None,
         "models": chosen,
         "gates": gates,
-        "stages": stages,
+        "stages": stages.done,
     }

@@ -471,19 +471,22 @@ def train(
     ] = "propagation",
     steps: Annotated[int | None, typer.Option(help="training steps")] = None,
     model_store: Annotated[str | None, typer.Option(help="model folder")] = None,
+    parent_model: Annotated[
+        str | None, typer.Option(help="fine-tune this stored model (same method and channels)")
+    ] = None,
+    transfer: Annotated[
+        bool,
+        typer.Option(
+            help="fine-tune the latest compatible model of another plate in the store, with a "
+            "quarter of the steps, when there is one"
+        ),
+    ] = True,
 ) -> None:
     """Train a segmentation model on this plate's ground truth, pseudo-labels or markers."""
     try:
-        from hcsseg.model_training import TrainConfig
-        from hcsseg.segment.methods import OPTION_MODELS
+        from hcsseg.model_training import TrainConfig, budget_options
 
-        options: dict[str, Any] = {}
-        if steps is not None and method == "unsupervised":
-            options = {"n_steps": steps}
-        elif steps is not None and method in OPTION_MODELS:
-            # only the step budget changes; the method's training recipe stays
-            recipe = OPTION_MODELS[method]().train.model_dump(mode="json")
-            options = {"train": recipe | {"n_steps": steps}}
+        options = budget_options(method, steps)  # the budget changes; the recipe stays
         cfg = TrainConfig(
             compartment=compartment,  # type: ignore[arg-type]
             method=method,  # type: ignore[arg-type]
@@ -493,6 +496,8 @@ def train(
             init=init,  # type: ignore[arg-type]
             cell_pseudo_labels=pseudo_labels,  # type: ignore[arg-type]
             options=options,
+            parent_model=parent_model,
+            transfer=transfer,
         )
         from flows.train_plate import train_plate
         from hcsseg.orchestration import prefect_api

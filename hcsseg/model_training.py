@@ -25,8 +25,8 @@ from hcsseg.errors import ChannelNotFoundError, HcssegError, ModelError
 from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.model_store import latest_model, list_models, load_model, save_model
 from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
-from hcsseg.segment.methods import centroids, parse_options, train_method
-from hcsseg.segment.training import validate_labels
+from hcsseg.segment.methods import OPTION_MODELS, centroids, parse_options, train_method
+from hcsseg.segment.training import thin_curve, validate_labels
 from hcsseg.virtual_stain.model import KIND as VIRTUAL_KIND
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,18 @@ class TrainConfig(BaseModel):
 
     def kind(self) -> str:
         return f"{self.compartment}-{self.method}"
+
+
+def budget_options(method: str, steps: int | None) -> dict[str, Any]:
+    """Method options that change only the step budget; the method's recipe stays."""
+    if steps is None:
+        return {}
+    if method == "unsupervised":
+        return {"n_steps": steps}
+    if method in OPTION_MODELS:
+        recipe = OPTION_MODELS[method]().train.model_dump(mode="json")
+        return {"train": recipe | {"n_steps": steps}}
+    return {}
 
 
 def _spread(refs: list[FieldRef], n: int) -> list[FieldRef]:
@@ -290,12 +302,6 @@ def fine_tune_options(
     return out
 
 
-def _thin(values: list[float], n: int = 200) -> list[float]:
-    """At most ~n points of a loss curve for the model card and the UI."""
-    step = max(1, len(values) // n)
-    return [float(v) for v in values[::step]]
-
-
 def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str) -> str:
     """Train, store and return the model id."""
     plate = open_plate(plate_url)
@@ -361,7 +367,7 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         "plate": plate.name,
         "plate_url": str(plate_url),
         "history": {k: v for k, v in history.items() if k != "loss"},
-        "loss_curve": _thin(history.get("loss", [])),
+        "loss_curve": thin_curve(history.get("loss", [])),
     }
     model_id = save_model(store, config.kind(), state, card)
     log.info("stored %s model %s", config.kind(), model_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -269,23 +269,9 @@ def train_deployment(training: PlateTraining | None) -> str | None:
     return (name or "").strip() or None
 
 
-def budget_options(method: str, steps: int | None) -> dict[str, Any]:
-    """Method options that change only the step budget; the method's recipe stays."""
-    from hcsseg.segment.methods import OPTION_MODELS
-
-    if steps is None:
-        return {}
-    if method == "unsupervised":
-        return {"n_steps": steps}
-    if method in OPTION_MODELS:
-        recipe = OPTION_MODELS[method]().train.model_dump(mode="json")
-        return {"train": recipe | {"n_steps": steps}}
-    return {}
-
-
 def train_config(plan: PipelinePlan, stage: TrainStage) -> TrainConfig:
     """The `TrainConfig` of a stage; its request id lets a GPU-pool run be found again."""
-    from hcsseg.model_training import TrainConfig
+    from hcsseg.model_training import TrainConfig, budget_options
 
     training = plan.training or PlateTraining()
     return TrainConfig(

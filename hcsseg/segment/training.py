@@ -641,3 +641,9 @@ def predict_dense(
         return (total / len(flips)).cpu().numpy()
 
     return predict_tiled(run, image, tile=tile, overlap=overlap, batch_size=batch_size)
+
+
+def thin_curve(values: list[float], n: int = 200) -> list[float]:
+    """At most ~n points of a loss curve for the model card and the UI."""
+    step = max(1, len(values) // n)
+    return [float(v) for v in values[::step]]

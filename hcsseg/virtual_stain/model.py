@@ -32,6 +32,7 @@ from hcsseg.segment.training import (
     seed_everything,
     select_device,
     split_train_val,
+    thin_curve,
     transfer_weights,
 )
 
@@ -132,6 +133,7 @@ class VirtualStainModel:
             "validation_fields": self.val_keys,
             "history": {k: v for k, v in self.history.items() if k != "loss"},
             "final_train_loss": float(np.mean(self.history["loss"][-20:])),
+            "loss_curve": thin_curve(self.history["loss"]),
         }
 
 
