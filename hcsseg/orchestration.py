@@ -14,6 +14,7 @@ import datetime as dt
 import fnmatch
 import importlib
 import logging
+import math
 import os
 import signal
 import time
@@ -262,7 +263,7 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = SubprocessASGIServer()
     try:
-        server.start(timeout=int(budget))
+        server.start(timeout=max(1, math.ceil(budget)))
     except RuntimeError as exc:
         server.stop()
         raise HcssegError(

@@ -47,7 +47,9 @@ def _worker(env: dict[str, str], pool: str, log: Path, *, once: bool) -> subproc
     with log.open("a") as out:
         return subprocess.Popen(
             args,
-            env={**env, "PREFECT_LOGGING_LEVEL": "INFO"},  # the logs say what hung, if anything
+            # one torch/BLAS thread per flow run: on a shared 2-core runner thread contention
+            # made training 10-30x slower; INFO logs say what hung, if anything
+            env={**env, "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "1"},
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,

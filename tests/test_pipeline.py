@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from typer.testing import CliRunner
 from flows.plate_pipeline import plate_pipeline
 from hcsseg.cli import app
 from hcsseg.config import ProcessConfig
+from hcsseg.demo import synthetic_plate
 from hcsseg.errors import ChannelNotFoundError, HcssegError
 from hcsseg.export.tables import read_table
 from hcsseg.io.labels import write_labels
@@ -190,3 +194,22 @@ def test_cli_run_refuses_bad_requests_before_prefect(isl_plate, tmp_path):
         assert len(lines) == 1 and message in lines[0], result.output
     assert not Path(isl_plate.url).with_name("isl_tables").exists()
     assert not Path(isl_plate.url).with_name("isl_models").exists()
+
+
+def test_a_server_that_does_not_start_in_time_is_one_clear_line(tmp_path):
+    """The embedded server gets one budget ($HCSSEG_SERVER_STARTUP_TIMEOUT); missing it is
+    one line and exit 2, not Prefect's traceback."""
+    plate = synthetic_plate(tmp_path / "p.zarr", wells=("B02",), fields_per_well=1, shape=(64, 64))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"HCSSEG_SERVER_STARTUP_TIMEOUT": "1", "PREFECT_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "hcsseg.cli", "process", plate.url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did not answer within 1 s" in lines[0], done.stderr
+    assert not Path(plate.url).with_name("p_tables").exists()
