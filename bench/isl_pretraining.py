@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from seg_common import DATA, environment, hash_order, load_pairs, score, setup, timed, write_result
 
+from hcsseg.learning.loop import TrainOptions
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     segment_distance_unet,
     train_distance_unet,
 )
-from hcsseg.segment.training import TrainOptions
 from hcsseg.virtual_stain.model import VirtualStainOptions, train_virtual_stain
 
 VS_STEPS, SEG_STEPS = 150, 200

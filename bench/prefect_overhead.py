@@ -92,7 +92,7 @@ def local_cluster(n_workers: int) -> Iterator[tuple[str, float]]:
 def direct_plate(plate_url: str) -> float:
     """The same work with no Prefect at all: the floor for the flow's wall time."""
     from hcsseg.config import ProcessConfig
-    from hcsseg.processing import finalize_plate, plan_plate, process_well
+    from hcsseg.pipeline.wells import finalize_plate, plan_plate, process_well
 
     config = ProcessConfig()
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def direct_plate(plate_url: str) -> float:
 def time_plate_report(plate_url: str) -> float:
     """The plate report (3 heat maps) is part of every flow run's fixed cost."""
     from hcsseg.config import ProcessConfig
-    from hcsseg.processing import finalize_plate, plan_plate
+    from hcsseg.pipeline.wells import finalize_plate, plan_plate
     from hcsseg.report import plate_report
 
     summary = finalize_plate(plan_plate(plate_url, ProcessConfig()))
@@ -137,7 +137,7 @@ def main() -> None:
     import prefect
 
     from hcsseg.demo import synthetic_plate
-    from hcsseg.orchestration import TaskRunnerConfig, build_task_runner
+    from hcsseg.pipeline.orchestration import TaskRunnerConfig, build_task_runner
 
     work = home / "plates"
     load_before = os.getloadavg()

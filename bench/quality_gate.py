@@ -45,11 +45,11 @@ from hcsseg.io.labels import write_labels
 from hcsseg.io.plate import Plate, open_plate
 from hcsseg.io.tiff_import import plate_from_arrays
 from hcsseg.model_store import load_card
-from hcsseg.model_training import TrainConfig, gather, train_plate_segmentation
 from hcsseg.pipeline.gate import run_gate
 from hcsseg.pipeline.plan import PipelinePlan, TrainStage, plan_pipeline, train_config
 from hcsseg.pipeline.presets import preset_config
-from hcsseg.processing import make_segmenter, segmentation_pixel_size
+from hcsseg.pipeline.training import TrainConfig, gather, train_plate_segmentation
+from hcsseg.pipeline.wells import make_segmenter, segmentation_pixel_size
 from hcsseg.segment.methods import Segmenter
 
 TRUTH = "nuclei_gt"

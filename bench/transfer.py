@@ -7,7 +7,7 @@ The 100 training fields of nuclei-dsb2018 (the accuracy benchmark's split: SHA-1
 training fields, of which the recipe holds out 15 % for early stopping and for picking the
 watershed settings. Plate 1 trains the product's recipe (`distance_unet.recipe()`, the
 `hcsseg train` defaults) with a budget of N steps; plate 2 trains (a) from scratch with N steps
-and (b) from plate 1's model with the budget and options `hcsseg.model_training` gives a
+and (b) from plate 1's model with the budget and options `hcsseg.pipeline.training` gives a
 fine-tuned model (`fine_tune_options`: `fine_tune_fraction` x N). Plate 1's model applied to
 plate 2 unchanged is the zero-shot point (step 0 of the fine-tuning curve). Curves come from
 weight snapshots of each run, scored with that run's final post-processing settings.
@@ -35,7 +35,7 @@ import torch
 from accuracy import learned_run
 from seg_common import DATA, RESULTS, hash_order, load_pairs, score, timed
 
-from hcsseg.model_training import TrainConfig, fine_tune_options
+from hcsseg.pipeline.training import TrainConfig, fine_tune_options
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     recipe,

@@ -44,9 +44,10 @@ import torch
 from scipy import ndimage as ndi
 
 from hcsseg.evaluate.metrics import pearson_correlation
+from hcsseg.learning.data import normalize_percentile
+from hcsseg.learning.loop import TrainOptions
 from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import match_markers
-from hcsseg.segment.training import TrainOptions, normalize_percentile
 from hcsseg.virtual_stain.model import (
     VIRTUAL_RANGE,
     VirtualStainOptions,

@@ -31,12 +31,12 @@ from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.export.tables import safe_name, write_parquet
 from hcsseg.model_store import find_model
-from hcsseg.orchestration import (
+from hcsseg.pipeline.gate import run_gate
+from hcsseg.pipeline.orchestration import (
     submit_gpu_work,
     task_runner_config_from_env,
     task_runner_from_env,
 )
-from hcsseg.pipeline.gate import run_gate
 from hcsseg.pipeline.plan import (
     PipelinePlan,
     TrainStage,
@@ -46,7 +46,7 @@ from hcsseg.pipeline.plan import (
 )
 from hcsseg.pipeline.presets import PresetName, preset_config, set_options
 from hcsseg.pipeline.stages import StageLedger, stage_key
-from hcsseg.processing import make_segmenter
+from hcsseg.pipeline.wells import make_segmenter
 from hcsseg.report import pipeline_report
 
 

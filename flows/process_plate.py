@@ -1,6 +1,6 @@
 """Prefect flow: a plate in, labels back in the plate, per-cell and QC Parquet out.
 
-Thin wrapper over `hcsseg.processing`: plan once, one task per well (fields are looped
+Thin wrapper over `hcsseg.pipeline.wells`: plan once, one task per well (fields are looped
 inside the task; per-task overhead makes field-level tasks too costly on big plates),
 then finalize. Tasks receive paths and keys, never arrays.
 """
@@ -25,7 +25,7 @@ from flows.common import artifact_key
 from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
-from hcsseg.processing import (
+from hcsseg.pipeline.wells import (
     PlatePlan,
     finalize_plate,
     plan_plate,

@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.model_store import load_card
-from hcsseg.model_training import TrainConfig, train_plate_segmentation
-from hcsseg.orchestration import gpu_slot
+from hcsseg.pipeline.orchestration import gpu_slot
+from hcsseg.pipeline.training import TrainConfig, train_plate_segmentation
 from hcsseg.report import training_report
 
 

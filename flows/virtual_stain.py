@@ -18,7 +18,7 @@ from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.model_store import latest_model, load_card
-from hcsseg.orchestration import gpu_slot, submit_gpu_work
+from hcsseg.pipeline.orchestration import gpu_slot, submit_gpu_work
 from hcsseg.report import training_report
 from hcsseg.virtual_stain.model import KIND
 from hcsseg.virtual_stain.plate import (

@@ -2,7 +2,7 @@
 
 Run on a cron schedule (deployments/prefect.yaml). Each run lists the HCS plates in the
 folder, skips those whose status file says they are done (``<tables>/_runs/<plate>.json``,
-see `hcsseg.orchestration.status_path`), and hands the others to `plate-pipeline` with
+see `hcsseg.pipeline.orchestration.status_path`), and hands the others to `plate-pipeline` with
 the watcher's preset: inside this flow run by default, or as runs of a deployment when
 ``options.deployment_name`` is set, so a CPU pool (or Dask) does the work while the
 watcher stays light. Plates handed to a deployment are marked ``submitted`` and settled on
@@ -18,7 +18,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.plate_pipeline import plate_pipeline
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
-from hcsseg.orchestration import (
+from hcsseg.pipeline.orchestration import (
     PlateCandidate,
     PlateStatus,
     WatchOptions,

@@ -252,13 +252,13 @@ def process(
                 virtual_source, cfg.nucleus_channel or "DAPI", None, None, "resnet18", None
             )
         if cfg.virtual_stain is None:
-            from hcsseg.processing import plan_plate
+            from hcsseg.pipeline.wells import plan_plate
 
             plan_plate(plate_url, cfg)  # bad input fails here, before Prefect starts
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.process_plate import process_plate
-        from hcsseg.orchestration import prefect_api
+        from hcsseg.pipeline.orchestration import prefect_api
 
         flow = process_plate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
         with prefect_api():
@@ -349,7 +349,7 @@ def run_cmd(
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.plate_pipeline import plate_pipeline
-        from hcsseg.orchestration import prefect_api
+        from hcsseg.pipeline.orchestration import prefect_api
 
         flow = plate_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
         # the segmentation subflow's wells: N threads unless the environment names a runner
@@ -428,7 +428,7 @@ def virtual_stain_cmd(
     try:
         cfg = _virtual_config(source, target, model_id, steps, encoder, model_store, target_mode)
         from flows.virtual_stain import virtual_stain_plate
-        from hcsseg.orchestration import prefect_api
+        from hcsseg.pipeline.orchestration import prefect_api
 
         with prefect_api():
             result = virtual_stain_plate(plate_url, cfg)
@@ -484,7 +484,7 @@ def train(
 ) -> None:
     """Train a segmentation model on this plate's ground truth, pseudo-labels or markers."""
     try:
-        from hcsseg.model_training import TrainConfig, budget_options
+        from hcsseg.pipeline.training import TrainConfig, budget_options
 
         options = budget_options(method, steps)  # the budget changes; the recipe stays
         cfg = TrainConfig(
@@ -500,7 +500,7 @@ def train(
             transfer=transfer,
         )
         from flows.train_plate import train_plate
-        from hcsseg.orchestration import prefect_api
+        from hcsseg.pipeline.orchestration import prefect_api
 
         with prefect_api():
             result = train_plate(plate_url, cfg, model_store)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +47,14 @@ class PlateTraining(BaseModel):
     steps: int | None = Field(
         None, ge=1, description="training steps of every model (default: each method's recipe)"
     )
+    nuclei_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the nucleus method (see its options model), e.g. "
+        "{'tta': false} or {'train': {'learning_rate': 0.001}}",
+    )
+    cells_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the cell method, as nuclei_options"
+    )
     transfer: bool = Field(
         True,
         description="fine-tune from a compatible model of an earlier plate in the model "
@@ -58,7 +66,16 @@ class PlateTraining(BaseModel):
         "and segment with whichever wins",
     )
     gate_fields: int = Field(
-        4, ge=1, description="fields held back from training for the quality gate (at most)"
+        8,
+        ge=1,
+        description="fields held back from training for the quality gate (at most; about a "
+        "fifth of the plate's fields): more resolve smaller differences",
+    )
+    gate_margin: float = Field(
+        0.01,
+        ge=0,
+        description="a model replaces the baseline only if its mean per-field score is ahead "
+        "by more than this plus one standard error of the per-field differences",
     )
     max_fields: int = Field(32, ge=1, description="training fields read per model (memory)")
     virtual_stain: Literal["missing", "never"] = Field(

@@ -358,7 +358,7 @@ def _n_steps(card: dict[str, Any]) -> int | None:
 
 
 def curve_steps(n_points: int, n_steps: int | None) -> np.ndarray | None:
-    """Step numbers of a loss curve thinned as `segment.training.thin_curve` does (every
+    """Step numbers of a loss curve thinned as `learning.loop.thin_curve` does (every
     ``max(1, n // 200)``-th step from step 1); None when the steps are unknown."""
     if not n_points or not n_steps:
         return None

@@ -31,7 +31,7 @@ from prefect.workers.process import ProcessWorker
 
 from hcsseg.demo import synthetic_plate
 from hcsseg.io.plate import open_plate
-from hcsseg.orchestration import PLATE_READY_EVENT, plate_resource_id
+from hcsseg.pipeline.orchestration import PLATE_READY_EVENT, plate_resource_id
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

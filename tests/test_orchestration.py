@@ -23,7 +23,7 @@ from hcsseg.config import ProcessConfig
 from hcsseg.demo import synthetic_plate
 from hcsseg.errors import HcssegError, InputDataError
 from hcsseg.export.tables import read_table
-from hcsseg.orchestration import (
+from hcsseg.pipeline.orchestration import (
     GPU_DEPLOYMENT_ENV,
     TASK_RUNNER_ENV,
     PlateStatus,

@@ -146,10 +146,17 @@ def test_gate_scores_and_verdict():
     merged = (labels > 0).astype(np.uint32)  # one cell holding both markers
     assert cell_proxy_score(merged, centres, fg) == 0.0
     assert truth_score([labels], [labels]) == 1.0
-    tie = verdict("nuclei", "m", "classical", "AP", (0.7, 0.7), 3)
+    tie = verdict("nuclei", "m", "classical", "AP", [(0.7, 0.7)] * 3)
     assert tie["winner"] == "baseline" and "does not beat" in tie["reason"]
-    assert verdict("nuclei", "m", "classical", "AP", (0.8, 0.7), 3)["winner"] == "candidate"
-    empty = verdict("cells", "m", "classical", "AP", (math.nan, math.nan), 0)
+    ahead = verdict("nuclei", "m", "classical", "AP", [(0.8, 0.7), (0.82, 0.7), (0.79, 0.7)])
+    assert ahead["winner"] == "candidate" and ahead["lead"] == pytest.approx(0.1033, abs=1e-3)
+    # ahead on average but not resolvably: one field carries the lead, the others lose
+    noisy = verdict("nuclei", "m", "classical", "AP", [(0.95, 0.6), (0.6, 0.7), (0.6, 0.7)])
+    assert noisy["lead"] > 0.01 and noisy["winner"] == "baseline"
+    assert verdict("nuclei", "m", "classical", "AP", [(0.72, 0.7)], margin=0.01)["winner"] == (
+        "candidate"
+    )
+    empty = verdict("cells", "m", "classical", "AP", [(math.nan, math.nan)])
     assert empty["winner"] == "baseline" and "nothing to score" in empty["reason"]
 
 

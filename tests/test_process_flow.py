@@ -20,7 +20,7 @@ from hcsseg.export.tables import file_metadata, read_table
 from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import ImportOptions, import_tiff_folder, plate_from_arrays
-from hcsseg.processing import plan_plate, plate_lock, process_well
+from hcsseg.pipeline.wells import plan_plate, plate_lock, process_well
 from tests.conftest import dataset
 
 

@@ -17,8 +17,9 @@ from scipy import ndimage as ndi
 from hcsseg.errors import InputDataError
 from hcsseg.io.labels import write_labels
 from hcsseg.io.tiff_import import plate_from_arrays
+from hcsseg.learning.loop import TrainOptions
 from hcsseg.model_store import load_card
-from hcsseg.model_training import TrainConfig, train_plate_segmentation
+from hcsseg.pipeline.training import TrainConfig, train_plate_segmentation
 from hcsseg.report import (
     MISSING,
     ReportOptions,
@@ -29,7 +30,6 @@ from hcsseg.report import (
     training_curve_png,
     training_report,
 )
-from hcsseg.segment.training import TrainOptions
 from hcsseg.virtual_stain.model import VirtualStainOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig, plan_virtual_stain, train_plate_model
 
@@ -180,7 +180,7 @@ def test_training_report_without_curve_says_so():
 
 
 def test_thinned_curve_maps_back_to_steps():
-    from hcsseg.segment.training import thin_curve as _thin
+    from hcsseg.learning.loop import thin_curve as _thin
 
     for n in (7, 200, 401, 1000, 1999):
         loss = list(range(1, n + 1))  # loss value == step number

@@ -7,7 +7,9 @@ import pytest
 import tifffile
 from skimage.draw import disk
 
-from hcsseg.segment import training
+from hcsseg.learning import networks
+from hcsseg.learning.data import CropSampler, intensity_augment
+from hcsseg.learning.loop import TrainOptions
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     FieldMaps,
@@ -24,7 +26,6 @@ from hcsseg.segment.scale import (
     resize_labels,
     scale_factor,
 )
-from hcsseg.segment.training import CropSampler, TrainOptions, intensity_augment
 from tests.conftest import dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,11 +145,11 @@ def test_tta_averages_flips() -> None:
 
     model = torch.nn.Conv2d(1, 1, 3, padding=1)
     img = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
-    plain = training.predict_dense(model, img, device=torch.device("cpu"), tile=64)
-    tta = training.predict_dense(model, img, device=torch.device("cpu"), tile=64, tta=True)
+    plain = networks.predict_dense(model, img, device=torch.device("cpu"), tile=64)
+    tta = networks.predict_dense(model, img, device=torch.device("cpu"), tile=64, tta=True)
     assert plain.shape == tta.shape == (1, 64, 64)
     assert not np.allclose(plain, tta)
-    flipped = training.predict_dense(
+    flipped = networks.predict_dense(
         model, img[:, :, ::-1].copy(), device=torch.device("cpu"), tile=64, tta=True
     )
     assert np.allclose(tta[:, :, ::-1], flipped, atol=1e-5)

@@ -10,7 +10,11 @@ import tifffile
 import torch
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment import distance_unet, training
+from hcsseg.learning import devices, networks
+from hcsseg.learning.data import validate_labels
+from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.networks import transfer_weights
+from hcsseg.segment import distance_unet
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     normalized_distance,
@@ -18,7 +22,6 @@ from hcsseg.segment.distance_unet import (
     train_distance_unet,
 )
 from hcsseg.segment.fpn2ws import FPN2WSOptions, border_map, segment_fpn2ws, train_fpn2ws
-from hcsseg.segment.training import TrainOptions, transfer_weights, validate_labels
 from hcsseg.virtual_stain.model import VirtualStainOptions, build_network
 from tests.conftest import dataset
 
@@ -226,23 +229,23 @@ def test_imagenet_init_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp_p
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(training, "reachable", lambda *a, **k: False)
+    monkeypatch.setattr(networks, "reachable", lambda *a, **k: False)
     t0 = time.perf_counter()
     with pytest.raises(ModelError, match="not in the Hugging Face cache"):
-        training.build_smp_model(
+        networks.build_smp_model(
             "unet", encoder_name="resnet18", in_channels=1, classes=2, init="imagenet"
         )
     assert time.perf_counter() - t0 < 5
     with pytest.raises(ModelError, match="cannot build unet with encoder 'no-such-encoder'"):
-        training.build_smp_model(
+        networks.build_smp_model(
             "unet", encoder_name="no-such-encoder", in_channels=1, classes=2, init="imagenet"
         )
 
 
 def test_device_selection() -> None:
-    assert training.select_device("cpu").type == "cpu"
+    assert devices.select_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
-            training.select_device("cuda")
+            devices.select_device("cuda")
     with pytest.raises(ModelError, match="unknown torch device"):
-        training.select_device("tpu-ish")
+        devices.select_device("tpu-ish")

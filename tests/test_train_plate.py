@@ -16,7 +16,7 @@ from hcsseg.export.tables import read_table
 from hcsseg.io.labels import write_labels
 from hcsseg.io.plate import open_plate
 from hcsseg.io.tiff_import import plate_from_arrays
-from hcsseg.model_training import TrainConfig
+from hcsseg.pipeline.training import TrainConfig
 from tests.conftest import dataset
 
 FAST = {

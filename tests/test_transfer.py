@@ -22,7 +22,7 @@ from hcsseg.io.labels import write_labels
 from hcsseg.io.plate import Plate
 from hcsseg.io.tiff_import import plate_from_arrays
 from hcsseg.model_store import find_model, lineage, list_models, load_card, save_model
-from hcsseg.model_training import (
+from hcsseg.pipeline.training import (
     TrainConfig,
     compatible_model,
     fine_tune_options,

@@ -16,7 +16,7 @@ from hcsseg.export.tables import read_table
 from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import plate_from_arrays
-from hcsseg.segment.training import TrainOptions
+from hcsseg.learning.loop import TrainOptions
 from hcsseg.virtual_stain.model import (
     VirtualStainOptions,
     build_network,
@@ -111,7 +111,7 @@ def test_plate_scale_keeps_sparse_fields_dark(isl):
 def test_foreground_crops_find_a_sparse_nucleus():
     """One nucleus in a 300² field: uniform crops rarely hold it, weighted crops do, and
     with no foreground share the sampler draws exactly what it always drew."""
-    from hcsseg.segment.training import CropSampler
+    from hcsseg.learning.data import CropSampler
 
     target = np.zeros((1, 300, 300), np.float32)
     target[0, 200:210, 40:50] = 1.0
@@ -134,8 +134,8 @@ def test_tiled_prediction_matches_one_tile_without_seams(trained, isl):
     """Unseen right half of the field: 128² tiles blended over 32 px agree with a single
     512² pass, and the prediction is no steeper across tile edges than the single pass is
     at the same columns (naive tiling with hard cuts is, which this check must notice)."""
+    from hcsseg.learning.data import normalize_percentile
     from hcsseg.segment.tiling import tile_starts
-    from hcsseg.segment.training import normalize_percentile
 
     phase, _ = isl
     source = phase[:, :256, 512:1024]

@@ -5,8 +5,9 @@ plate offers: ground-truth labels (AP@0.5, AP = TP/(TP+FP+FN)), else markers fou
 detection in the real nucleus stain, which neither method produced. Without ground truth
 the scores are proxies and say so: nuclei by one-to-one marker matching (F1 within half a
 nucleus diameter), cells by how many hold exactly one marker (F1) times the overlap of
-their union with the stain's foreground M (the Yu-lab foreground). The baseline wins ties
-and any field set with nothing to score: a model is never shipped unverified.
+their union with the stain's foreground M (the Yu-lab foreground). The model must lead by
+a margin plus one standard error of the per-field differences; the baseline keeps ties,
+unresolvable leads and field sets with nothing to score: nothing ships unverified.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.evaluate.metrics import instance_metrics
 from hcsseg.io.plate import FieldRef, Plate, open_plate
+from hcsseg.learning.data import validate_labels
 from hcsseg.markers.detect import detect_markers
 from hcsseg.markers.qc import match_markers
 from hcsseg.pipeline.plan import PipelinePlan, TrainStage
-from hcsseg.processing import (
+from hcsseg.pipeline.wells import (
     Segmenter,
     make_segmenter,
     readable_channels,
@@ -32,7 +34,6 @@ from hcsseg.processing import (
     segmenter_input,
 )
 from hcsseg.segment.methods import centroids
-from hcsseg.segment.training import validate_labels
 from hcsseg.segment.unsupervised import foreground_mask
 
 
@@ -85,21 +86,32 @@ def verdict(
     candidate: str,
     baseline: str,
     metric: str,
-    scores: tuple[float, float],
-    n_fields: int,
+    pairs: Sequence[tuple[float, float]],
     *,
+    margin: float = 0.01,
     note: str = "",
 ) -> dict[str, Any]:
-    """The gate's decision as a plain record (report, QC table, stage marker)."""
-    cand, base = scores
-    if n_fields == 0 or not math.isfinite(cand):
+    """The gate's decision from per-field (candidate, baseline) scores, as a plain record.
+
+    The candidate wins only if its mean per-field lead exceeds `margin` plus one standard
+    error of the per-field differences: a handful of fields cannot tell 0.843 from 0.843,
+    and the baseline is what a plate gets when nothing is shown to be better."""
+    finite = [(c, b) for c, b in pairs if math.isfinite(c) and math.isfinite(b)]
+    n = len(finite)
+    cand = float(np.mean([c for c, _ in finite])) if n else float("nan")
+    base = float(np.mean([b for _, b in finite])) if n else float("nan")
+    diff = np.array([c - b for c, b in finite])
+    lead = float(diff.mean()) if n else float("nan")
+    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    if n == 0:
         winner, why = "baseline", "nothing to score on the held-back fields: keeping the baseline"
-    elif not math.isfinite(base) or cand > base:
-        winner = "candidate"
-        why = f"{candidate} {metric} {cand:.3f} beats {baseline} {base:.3f}"
     else:
-        winner = "baseline"
-        why = f"{candidate} {metric} {cand:.3f} does not beat {baseline} {base:.3f}"
+        winner = "candidate" if lead > margin + se else "baseline"
+        verb = "beats" if winner == "candidate" else "does not beat"
+        why = (
+            f"{candidate} {metric} {cand:.3f} {verb} {baseline} {base:.3f} "
+            f"(lead {lead:+.3f}, needed > {margin:.3f} + s.e. {se:.3f})"
+        )
     return {
         "compartment": compartment,
         "candidate": candidate,
@@ -107,9 +119,11 @@ def verdict(
         "metric": metric,
         "candidate_score": cand,
         "baseline_score": base,
-        "n_fields": n_fields,
+        "lead": lead,
+        "lead_se": se,
+        "n_fields": n,
         "winner": winner,
-        "reason": f"{why} on {n_fields} held-back field(s){note}",
+        "reason": f"{why} on {n} held-back field(s){note}",
     }
 
 
@@ -137,8 +151,7 @@ def run_gate(
     candidate = make_segmenter(stage.compartment, stage.method, model_id, store, config)
     baseline = make_segmenter(stage.compartment, "classical", None, store, config)
     nuclei_seg = nuclei or make_segmenter("nuclei", "classical", None, store, config)
-    cand_preds, base_preds, refs_out = [], [], []
-    cand_scores, base_scores = [], []
+    pairs: list[tuple[float, float]] = []
     for path in stage.gate_fields:
         ref = _ref(plate, path)
         names = plate.channel_names(ref)
@@ -168,9 +181,7 @@ def run_gate(
                 name=f"{stage.truth} of field {ref.path}",
                 shape=image.shape,
             )
-            cand_preds.append(cand)
-            base_preds.append(base)
-            refs_out.append(truth)
+            pairs.append((truth_score([cand], [truth]), truth_score([base], [truth])))
             continue
         if plan.nucleus_channel not in names:
             continue  # no real stain here: nothing independent to score against
@@ -182,32 +193,29 @@ def run_gate(
         markers = detect_markers(real, pixel_size_um=seg_px)[["y", "x"]].to_numpy()
         if stage.compartment == "nuclei":
             radius = 0.5 * config.typical_nucleus_um / seg_px
-            cand_scores.append(marker_f1(cand, markers, max_distance_px=radius))
-            base_scores.append(marker_f1(base, markers, max_distance_px=radius))
+            pairs.append(
+                (
+                    marker_f1(cand, markers, max_distance_px=radius),
+                    marker_f1(base, markers, max_distance_px=radius),
+                )
+            )
         else:
             fg = foreground_mask(cell_image[None] if cell_image.ndim == 2 else cell_image)
-            cand_scores.append(cell_proxy_score(cand, markers, fg))
-            base_scores.append(cell_proxy_score(base, markers, fg))
+            pairs.append((cell_proxy_score(cand, markers, fg), cell_proxy_score(base, markers, fg)))
     note = " (in-sample: the plate has one field)" if stage.in_sample_gate else ""
     if stage.truth is not None:
-        scores = (truth_score(cand_preds, refs_out), truth_score(base_preds, refs_out))
-        metric, n = f"AP@0.5 vs {stage.truth}", len(refs_out)
+        metric = f"AP@0.5 vs {stage.truth}"
+    elif stage.compartment == "nuclei":
+        metric = "marker F1 vs real-stain markers"
     else:
-        finite = [
-            (c, b)
-            for c, b in zip(cand_scores, base_scores, strict=True)
-            if math.isfinite(c) and math.isfinite(b)
-        ]
-        scores = (
-            float(np.mean([c for c, _ in finite])) if finite else float("nan"),
-            float(np.mean([b for _, b in finite])) if finite else float("nan"),
-        )
-        metric = (
-            "marker F1 vs real-stain markers"
-            if stage.compartment == "nuclei"
-            else "one-marker-per-cell F1 x stain-foreground IoU"
-        )
-        n = len(finite)
+        metric = "one-marker-per-cell F1 x stain-foreground IoU"
+    training = plan.training
     return verdict(
-        stage.compartment, f"{stage.method} {model_id}", "classical", metric, scores, n, note=note
+        stage.compartment,
+        f"{stage.method} {model_id}",
+        "classical",
+        metric,
+        pairs,
+        margin=training.gate_margin if training is not None else 0.01,
+        note=note,
     )

@@ -26,7 +26,7 @@ LABEL_FREE_NAMES = re.compile(
     r"bright|phase|dic|\bbf\b|^bf|trans|tl\b|label.?free|dpc", re.IGNORECASE
 )
 if TYPE_CHECKING:
-    from hcsseg.model_training import TrainConfig
+    from hcsseg.pipeline.training import TrainConfig
 
 TRAIN_DEPLOYMENT_ENV = "HCSSEG_TRAIN_DEPLOYMENT"
 
@@ -64,6 +64,10 @@ class PipelinePlan:
     virtual_stain_key: str | None
     train: list[TrainStage]
     training: PlateTraining | None
+    # the classical teacher's scale (pseudo-labels, markers) follows the run's own
+    scale: str = "estimate"
+    typical_nucleus_um: float = 10.0
+    pixel_size_um: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def stage(self, compartment: str) -> TrainStage | None:
@@ -229,7 +233,16 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
             train_fields, gate_fields, in_sample = split_gate_fields(
                 candidates, training.gate_fields
             )
-            key = stage_key(compartment, method, inputs, truth, teach, train_fields, training)
+            key = stage_key(
+                compartment,
+                method,
+                inputs,
+                truth,
+                teach,
+                train_fields,
+                training,
+                [config.scale, config.typical_nucleus_um, config.pixel_size_um],
+            )
             stages.append(
                 TrainStage(
                     compartment=compartment,
@@ -259,6 +272,9 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
         virtual_stain_key=stage_key(vs, wells) if vs is not None else None,
         train=stages,
         training=training,
+        scale=config.scale,
+        typical_nucleus_um=config.typical_nucleus_um,
+        pixel_size_um=config.pixel_size_um,
         notes=notes,
     )
 
@@ -271,9 +287,16 @@ def train_deployment(training: PlateTraining | None) -> str | None:
 
 def train_config(plan: PipelinePlan, stage: TrainStage) -> TrainConfig:
     """The `TrainConfig` of a stage; its request id lets a GPU-pool run be found again."""
-    from hcsseg.model_training import TrainConfig, budget_options
+    from hcsseg.pipeline.training import TrainConfig, budget_options
 
     training = plan.training or PlateTraining()
+    options = budget_options(stage.method, training.steps)
+    extra = training.nuclei_options if stage.compartment == "nuclei" else training.cells_options
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(options.get(key), dict):
+            options[key] = {**options[key], **value}
+        else:
+            options[key] = value
     return TrainConfig(
         compartment=stage.compartment,  # type: ignore[arg-type]
         method=stage.method,  # type: ignore[arg-type]
@@ -281,9 +304,12 @@ def train_config(plan: PipelinePlan, stage: TrainStage) -> TrainConfig:
         truth=stage.truth,
         nucleus_channel=stage.nucleus_channel,
         cell_pseudo_labels=training.cell_pseudo_labels,
-        options=budget_options(stage.method, training.steps),
+        options=options,
         max_fields=training.max_fields,
         fields=stage.fields,
         transfer=training.transfer,
+        pixel_size_um=plan.pixel_size_um,
+        scale=plan.scale,  # type: ignore[arg-type]
+        typical_nucleus_um=plan.typical_nucleus_um,
         request_id=f"{plan.plate_name}:{stage.name}:{stage.key}",
     )

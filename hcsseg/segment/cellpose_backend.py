@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment.training import as_channels_first, reachable, select_device, validate_labels
+from hcsseg.learning.data import as_channels_first, validate_labels
+from hcsseg.learning.devices import reachable, select_device
 
 CELLPOSE_HOST = "www.cellpose.org"
 

@@ -29,6 +29,17 @@ from skimage import filters, morphology, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.learning.data import check_pairs, normalize_percentile, split_train_val
+from hcsseg.learning.devices import seed_everything, select_device
+from hcsseg.learning.loop import LossFn, TrainOptions, crop_sampler, fit
+from hcsseg.learning.networks import (
+    InitKind,
+    StateDict,
+    build_smp_model,
+    first_conv_in_channels,
+    predict_dense,
+    transfer_weights,
+)
 from hcsseg.segment.classical import drop_small_objects
 from hcsseg.segment.scale import (
     estimate_diameter,
@@ -37,23 +48,6 @@ from hcsseg.segment.scale import (
     resize_labels,
     scale_factor,
     scaled_shape,
-)
-from hcsseg.segment.training import (
-    InitKind,
-    LossFn,
-    StateDict,
-    TrainOptions,
-    build_smp_model,
-    check_pairs,
-    crop_sampler,
-    first_conv_in_channels,
-    fit,
-    normalize_percentile,
-    predict_dense,
-    seed_everything,
-    select_device,
-    split_train_val,
-    transfer_weights,
 )
 
 

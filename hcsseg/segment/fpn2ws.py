@@ -23,24 +23,18 @@ from skimage import filters, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment.distance_unet import finish_labels, normalized_distance
-from hcsseg.segment.training import (
-    CropSampler,
+from hcsseg.learning.data import CropSampler, check_pairs, normalize_percentile, split_train_val
+from hcsseg.learning.devices import seed_everything, select_device
+from hcsseg.learning.loop import LossFn, TrainOptions, fit
+from hcsseg.learning.networks import (
     InitKind,
-    LossFn,
     StateDict,
-    TrainOptions,
     build_smp_model,
-    check_pairs,
     first_conv_in_channels,
-    fit,
-    normalize_percentile,
     predict_dense,
-    seed_everything,
-    select_device,
-    split_train_val,
     transfer_weights,
 )
+from hcsseg.segment.distance_unet import finish_labels, normalized_distance
 
 
 class FPN2WSOptions(BaseModel):

@@ -38,15 +38,10 @@ from skimage import filters, measure, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
+from hcsseg.learning.data import as_channels_first, normalize_percentile
+from hcsseg.learning.devices import autocast, seed_everything, select_device
+from hcsseg.learning.networks import StateDict
 from hcsseg.segment.classical import drop_small_objects
-from hcsseg.segment.training import (
-    StateDict,
-    as_channels_first,
-    autocast,
-    normalize_percentile,
-    seed_everything,
-    select_device,
-)
 
 MarkersLike = np.ndarray | pd.DataFrame | Sequence[Sequence[float]]
 

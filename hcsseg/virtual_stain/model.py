@@ -21,20 +21,15 @@ from scipy.special import expit
 from skimage.filters import threshold_otsu
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment.training import (
+from hcsseg.learning.data import (
     CropSampler,
-    TrainOptions,
     as_channels_first,
-    build_smp_model,
-    fit,
     normalize_percentile,
-    predict_dense,
-    seed_everything,
-    select_device,
     split_train_val,
-    thin_curve,
-    transfer_weights,
 )
+from hcsseg.learning.devices import seed_everything, select_device
+from hcsseg.learning.loop import TrainOptions, fit, thin_curve
+from hcsseg.learning.networks import build_smp_model, predict_dense, transfer_weights
 
 KIND = "virtual_stain"
 # Predictions are in normalised target units: background 0, a bright nucleus 1.

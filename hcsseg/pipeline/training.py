@@ -23,10 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hcsseg.errors import ChannelNotFoundError, HcssegError, ModelError
 from hcsseg.io.plate import FieldRef, Plate, open_plate
+from hcsseg.learning.data import validate_labels
+from hcsseg.learning.loop import thin_curve
 from hcsseg.model_store import latest_model, list_models, load_model, save_model
 from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
 from hcsseg.segment.methods import OPTION_MODELS, centroids, parse_options, train_method
-from hcsseg.segment.training import thin_curve, validate_labels
+from hcsseg.segment.scale import pixel_size_from_objects
 from hcsseg.virtual_stain.model import KIND as VIRTUAL_KIND
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,14 @@ class TrainConfig(BaseModel):
         "a quality gate",
     )
     pixel_size_um: float | None = Field(None, description="override the plate's pixel size")
+    scale: Literal["estimate", "metadata"] = Field(
+        "estimate",
+        description="scale of the classical pseudo-labels and markers, as ProcessConfig.scale: "
+        "each field's estimated nucleus diameter taken as typical_nucleus_um, or the metadata",
+    )
+    typical_nucleus_um: float = Field(
+        10.0, gt=0, description="nucleus diameter an estimated scale maps to, micrometres"
+    )
     parent_model: str | None = Field(
         None,
         description="fine-tune this stored model (id or folder): same method, compartment and "
@@ -124,13 +134,26 @@ def _spread(refs: list[FieldRef], n: int) -> list[FieldRef]:
     return [refs[i] for i in np.linspace(0, len(refs) - 1, n).round().astype(int)]
 
 
+def _classical_scale(
+    plate: Plate, ref: FieldRef, nucleus: np.ndarray, config: TrainConfig
+) -> float:
+    """The pixel size the classical teacher works at: the one `process` would use, so a
+    model never learns from a weaker baseline than the one its quality gate compares with."""
+    if config.pixel_size_um is not None:
+        return config.pixel_size_um
+    px = plate.pixel_size_um(ref)
+    if config.scale == "metadata":
+        return px
+    return pixel_size_from_objects(nucleus, config.typical_nucleus_um) or px
+
+
 def _pseudo_labels(plate: Plate, ref: FieldRef, config: TrainConfig) -> np.ndarray:
     if config.nucleus_channel is None:
         raise HcssegError(
             "no ground truth given (truth=...) and no nucleus_channel for pseudo-labels"
         )
-    px = config.pixel_size_um or plate.pixel_size_um(ref)
     nucleus = plate.read_channels(ref, [config.nucleus_channel])[0]
+    px = _classical_scale(plate, ref, nucleus, config)
     nuclei = segment_nuclei(nucleus, pixel_size_um=px)
     if config.compartment == "nuclei":
         return nuclei
@@ -150,9 +173,10 @@ def _markers(plate: Plate, ref: FieldRef, config: TrainConfig) -> np.ndarray:
                 f"field {ref.path}: the annotation-free method needs nucleus markers: "
                 "run process_plate first or set nucleus_channel"
             )
-        px = config.pixel_size_um or plate.pixel_size_um(ref)
         nucleus = plate.read_channels(ref, [config.nucleus_channel])[0]
-        nuclei = segment_nuclei(nucleus, pixel_size_um=px)
+        nuclei = segment_nuclei(
+            nucleus, pixel_size_um=_classical_scale(plate, ref, nucleus, config)
+        )
     return centroids(nuclei)[1]
 
 

@@ -1,0 +1,1 @@
+"""The learning kit shared by `hcsseg.segment` and `hcsseg.virtual_stain`."""

@@ -1,0 +1,183 @@
+"""The training loop every per-plate model shares: a fixed step budget (not epochs),
+AdamW with warm-up and cosine decay, early stopping on held-out crops, the best weights kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from hcsseg.errors import ModelError
+from hcsseg.learning.data import CropSampler, intensity_augment
+from hcsseg.learning.devices import autocast, select_device
+
+
+class TrainOptions(BaseModel):
+    """Optimisation knobs shared by the supervised models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_steps: int = Field(1500, ge=1, description="optimiser steps (batches)")
+    batch_size: int = Field(8, ge=1)
+    crop_size: int = Field(256, ge=32, description="square training crop, multiple of 32")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up before cosine decay")
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of training images held out for early stopping (0 = none; at "
+        "least one image stays in training)",
+    )
+    val_every: int = Field(100, ge=1, description="steps between validation checks")
+    patience: int = Field(5, ge=1, description="validation checks without improvement")
+    val_crops: int = Field(16, ge=1, description="fixed crops scored at each check")
+    normalize_percentiles: tuple[float, float] = (1.0, 99.8)
+    zoom: float = Field(
+        1.0, ge=1, le=2, description="scale augmentation: crops resized by up to this factor"
+    )
+    augment: bool = Field(False, description="contrast/gamma/blur/noise augmentation")
+    snapshot_steps: list[int] = Field(
+        default_factory=list,
+        description="steps at which a copy of the weights is kept in the history (learning curves)",
+    )
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainOptions:
+        if self.crop_size % 32:
+            raise ValueError(f"crop_size must be a multiple of 32, got {self.crop_size}")
+        lo, hi = self.normalize_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"normalize_percentiles must satisfy 0 <= low < high <= 100: {lo, hi}")
+        return self
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def crop_sampler(
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    options: TrainOptions,
+    rng: np.random.Generator,
+    *,
+    train: bool = True,
+    foreground: float = 0.0,
+) -> CropSampler:
+    """The sampler `options` ask for; validation crops (`train=False`) are not augmented."""
+    return CropSampler(
+        images,
+        targets,
+        options.crop_size,
+        rng,
+        foreground,
+        zoom=options.zoom if train else 1.0,
+        augment=intensity_augment if train and options.augment else None,
+    )
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    sampler: CropSampler,
+    options: TrainOptions,
+    *,
+    val_sampler: CropSampler | None = None,
+) -> dict[str, Any]:
+    """AdamW with warm-up and cosine decay; returns the history and leaves the best weights
+    (lowest validation loss, or the last step without validation) in `model`."""
+    device = select_device(options.device)
+    model.to(device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(options))
+    val_batches = val_sampler.fixed(options.val_crops) if val_sampler is not None else []
+    history: dict[str, Any] = {"loss": [], "val_loss": [], "val_step": [], "device": str(device)}
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    stale = 0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    step = 0
+    for step in range(1, options.n_steps + 1):
+        model.train()
+        x, y = sampler.sample(options.batch_size)
+        x, y = x.to(device), y.to(device)
+        with autocast(device, options.amp):
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        if not torch.isfinite(loss):
+            raise ModelError(f"training diverged: loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["loss"].append(float(loss.item()))
+        if step in options.snapshot_steps:
+            history.setdefault("snapshots", {})[step] = {
+                k: t.detach().cpu().clone() for k, t in model.state_dict().items()
+            }
+        if val_batches and (step % options.val_every == 0 or step == options.n_steps):
+            v = evaluate_loss(model, loss_fn, val_batches, device, options.amp)
+            history["val_loss"].append(v)
+            history["val_step"].append(step)
+            if best is None or v < best[0]:
+                best = (v, {k: t.detach().clone() for k, t in model.state_dict().items()})
+                stale = 0
+            else:
+                stale += 1
+                if stale >= options.patience:
+                    break
+    if best is not None:
+        model.load_state_dict(best[1])
+        history["best_val_loss"] = best[0]
+    history["steps"] = step
+    history["seconds"] = time.perf_counter() - t0
+    history["cpu_seconds"] = time.process_time() - cpu0
+    model.eval()
+    return history
+
+
+def evaluate_loss(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: bool = True,
+) -> float:
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            with autocast(device, amp):
+                out = model(x.to(device))
+            total += float(loss_fn(out.float(), y.to(device)).item())
+    return total / len(batches)
+
+
+def _warmup_cosine(options: TrainOptions) -> Callable[[int], float]:
+    warm = min(options.warmup_steps, max(options.n_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        span = max(options.n_steps - warm, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step - warm, span) / span))
+
+    return factor
+
+
+def thin_curve(values: list[float], n: int = 200) -> list[float]:
+    """At most ~n points of a loss curve for the model card and the UI."""
+    step = max(1, len(values) // n)
+    return [float(v) for v in values[::step]]
