@@ -313,8 +313,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"Pseudo-labels the annotation-free model learns from, against `nuclei_gt` on its "
             f"{pl['n_fields']} training fields: AP@0.5 {pl['ap50']:.3f}, mean AP "
-            f"{pl['ap_mean']:.3f} (classical at the plate's {PLATE_PIXEL_UM:g} µm/px, as "
-            f"`model_training._pseudo_labels` runs it); the baseline at the estimated scale on "
+            f"{pl['ap_mean']:.3f} (the classical teacher as `hcsseg.pipeline.training.gather` "
+            f"runs it); the baseline at the estimated scale on "
             f"the same fields: {pl['baseline_ap50']:.3f} / {pl['baseline_ap_mean']:.3f}.",
             "",
         ]
