@@ -33,6 +33,7 @@ from hcsseg.export.tables import safe_name, write_parquet
 from hcsseg.model_store import find_model
 from hcsseg.pipeline.gate import run_gate
 from hcsseg.pipeline.orchestration import (
+    deployment_parameter,
     submit_gpu_work,
     task_runner_config_from_env,
     task_runner_from_env,
@@ -108,13 +109,13 @@ def gate_task(
 class _Stages:
     """Runs stages once (the ledger remembers finished ones) and shows progress in the UI."""
 
-    def __init__(self, ledger: StageLedger, total: int, plate_name: str) -> None:
+    def __init__(self, ledger: StageLedger, total: int, plan: PipelinePlan) -> None:
         self.ledger, self.total = ledger, total
         self.done: list[dict[str, Any]] = []
         self.progress = create_progress_artifact(
             progress=0.0,
-            key=artifact_key("pipeline-progress", plate_name),
-            description=f"pipeline stages done for plate {plate_name}",
+            key=artifact_key("pipeline-progress", plan.plate_name, plan.plate_url),
+            description=f"pipeline stages done for plate {plan.plate_name}",
         )
 
     def note(self, entry: dict[str, Any]) -> None:
@@ -136,20 +137,33 @@ class _Stages:
         return result
 
 
-@flow(name="plate-pipeline", flow_run_name="{preset} pipeline on {plate_url}")
+def _run_name() -> str:
+    params = flow_run.parameters
+    return f"{params.get('preset') or 'default'} pipeline on {params['plate_url']}"
+
+
+@flow(name="plate-pipeline", flow_run_name=_run_name)
 def plate_pipeline(
     plate_url: str,
-    preset: PresetName = "classical",
+    preset: PresetName | None = None,
     config: ProcessConfig | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Virtual stain, per-plate training, quality gate, segmentation, features and QC.
 
-    `plate_url`: the plate (OME-Zarr HCS store). `preset`: classical, annotation-free or
-    supervised. `config`: options that override the preset (only those set count).
-    `force`: redo every stage and well.
+    Args:
+        plate_url: Path or URL of the OME-Zarr HCS plate.
+        preset: classical, annotation-free or supervised. Empty: the deployment's own
+            `preset` parameter (an `hcs.plate.ready` event without one), else classical.
+        config: Options that override the preset (only those set count). Empty: the
+            deployment's own `config` parameter, if any.
+        force: Redo every stage and well, ignoring completion markers.
     """
     logger = get_run_logger()
+    if preset is None:
+        preset = deployment_parameter("preset") or "classical"
+    if config is None:
+        config = deployment_parameter("config")
     cfg = preset_config(preset, set_options(config))
     plan = plan_task(plate_url, cfg)
     for note in plan.notes:
@@ -159,13 +173,15 @@ def plate_pipeline(
         ledger.clear()
     gated = plan.training is None or plan.training.gate
     total = (plan.virtual_stain is not None) + len(plan.train) * (1 + gated) + 1
-    stages = _Stages(ledger, total, plan.plate_name)
+    stages = _Stages(ledger, total, plan)
 
     if plan.virtual_stain is not None:
         vs_config = plan.virtual_stain
 
         def stain() -> dict[str, Any]:
-            result = virtual_stain_plate(plate_url, vs_config, output=cfg.output, wells=cfg.wells)
+            result = virtual_stain_plate(
+                plan.plate_url, vs_config, output=plan.output_root, wells=cfg.wells
+            )
             return {"model_id": result["model_id"], "qc": result["qc"]}
 
         vs = stages.run("virtual-stain", plan.virtual_stain_key or "", stain)
@@ -224,7 +240,7 @@ def plate_pipeline(
     if task_runner_config_from_env() is not None:  # wells on Dask (or N threads) by the env
         segment = process_plate.with_options(task_runner=task_runner_from_env())
     t0 = time.perf_counter()
-    result = segment(plate_url, segment_config, force=force)
+    result = segment(plan.plate_url, segment_config, force=force)
     stages.note(
         {
             "stage": "segment-measure-qc",
@@ -244,7 +260,7 @@ def plate_pipeline(
         pipeline_report(
             well_qc, plate_name=plan.plate_name, models=chosen, gates=gates, stages=stages.done
         ),
-        key=artifact_key("pipeline-report", plan.plate_name),
+        key=artifact_key("pipeline-report", plan.plate_name, plan.plate_url),
         description=f"{preset} pipeline on {plan.plate_name}: stages, models, quality gate",
     )
     return {

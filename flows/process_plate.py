@@ -25,6 +25,8 @@ from flows.common import artifact_key
 from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
+from hcsseg.export.ngio_tables import write_field_tables
+from hcsseg.io.plate import FieldRef, open_plate
 from hcsseg.pipeline.wells import (
     PlatePlan,
     finalize_plate,
@@ -45,15 +47,32 @@ def plan_task(plate_url: str, config: ProcessConfig) -> PlatePlan:
 
 @task(name="segment and measure well", task_run_name="well {well}")
 def well_task(plan: PlatePlan, well: str, config: ProcessConfig) -> dict[str, Any]:
+    """One well; a progress artifact on the task run shows its fields as they finish."""
     logger = get_run_logger()
-    result = process_well(plan, well, config, run_id=str(flow_run.get_id() or ""))
+    total = len(open_plate(plan.plate_url).fields(well))
+    progress = create_progress_artifact(0.0, description=f"fields done in well {well}")
+    finished: list[FieldRef] = []
+
+    def on_field(ref: FieldRef) -> None:
+        finished.append(ref)
+        logger.info("well %s: field %s done (%d of %d)", well, ref.field, len(finished), total)
+        update_progress_artifact(progress, 100.0 * len(finished) / total)
+
+    result = process_well(
+        plan, well, config, run_id=str(flow_run.get_id() or ""), on_field=on_field
+    )
     logger.info("well %s: %d fields, %d cells", well, result.n_fields, result.n_cells)
-    return {"well": result.well, "n_fields": result.n_fields, "n_cells": result.n_cells}
+    # no well name in the result: Prefect ties a task's inputs to earlier results by object
+    # identity, and the plan every well receives holds this very string in `plan.wells`,
+    # so each well would be drawn as depending on every well finished before it started
+    return {"n_fields": result.n_fields, "n_cells": result.n_cells}
 
 
 @task(name="finalize plate", task_run_name="finalize {plan.plate_name}")
 def finalize_task(plan: PlatePlan) -> list[dict[str, Any]]:
+    """Per-well QC summary, and each field's cells as a table ngio/Fractal users can list."""
     summary = finalize_plate(plan, run_id=str(flow_run.get_id() or ""))
+    write_field_tables(plan)
     return summary.to_dict(orient="records")
 
 
@@ -79,7 +98,12 @@ def process_plate(
     """Segment nuclei and cells in every well, write labels, features and QC tables.
 
     Wells finished by an earlier run with the same options are skipped (so a re-run
-    after a crash does only the missing wells); `force` redoes them all.
+    after a crash does only the missing wells).
+
+    Args:
+        plate_url: Path or URL of the OME-Zarr HCS plate.
+        config: Segmentation, measurement and output options; unset ones keep their defaults.
+        force: Redo every well, even those an earlier run finished with the same options.
     """
     logger = get_run_logger()
     config = config or ProcessConfig()
@@ -100,7 +124,7 @@ def process_plate(
     )
     progress = create_progress_artifact(
         progress=0.0,
-        key=artifact_key("progress", plan.plate_name),
+        key=artifact_key("progress", plan.plate_name, plan.plate_url),
         description=f"wells done in plate {plan.plate_name}",
     )
     done: list[dict[str, Any]] = []
@@ -123,13 +147,13 @@ def process_plate(
         summary = finalize_task(plan)
     create_table_artifact(
         table=_qc_markdown_rows(summary),
-        key=artifact_key("plate-qc", plan.plate_name),
+        key=artifact_key("plate-qc", plan.plate_name, plan.plate_url),
         description=f"Per-well QC of plate {plan.plate_name} (tables in {plan.output_root})",
     )
     if summary:
         create_markdown_artifact(
             plate_report(pd.DataFrame(summary), plate_name=plan.plate_name),
-            key=artifact_key("plate-report", plan.plate_name),
+            key=artifact_key("plate-report", plan.plate_name, plan.plate_url),
             description=f"Plate heat maps of cell count and focus for {plan.plate_name}",
         )
     if failed:

@@ -31,14 +31,20 @@ def train_task(plate_url: str, config: TrainConfig, store: str) -> str:
 def train_plate(
     plate_url: str, config: TrainConfig, model_store: str | None = None
 ) -> dict[str, Any]:
-    """Train one segmentation model on the plate (GPU when the worker has one)."""
+    """Train one segmentation model on the plate (GPU when the worker has one).
+
+    Args:
+        plate_url: Path or URL of the OME-Zarr HCS plate.
+        config: What to train: compartment, method, input channels, ground truth, steps.
+        model_store: Folder of stored models; default ``<plate>_models`` beside the plate.
+    """
     logger = get_run_logger()
     store = str(ProcessConfig(model_store=model_store).store(plate_url))
     model_id = train_task(plate_url, config, store)
     card = load_card(store, model_id)
     create_markdown_artifact(
         training_report(card),
-        key=artifact_key("training", f"{card.get('plate', 'plate')}-{config.kind()}"),
+        key=artifact_key("training", f"{card.get('plate', 'plate')}-{config.kind()}", plate_url),
         description=f"training curve of {model_id}",
     )
     logger.info("stored model %s in %s", model_id, store)

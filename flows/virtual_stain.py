@@ -45,7 +45,14 @@ def train_virtual_stain(
     output: str | None = None,
     wells: list[str] | None = None,
 ) -> str:
-    """Training alone, for a GPU work pool: the model lands in the store, its id returns."""
+    """Training alone, for a GPU work pool: the model lands in the store, its id returns.
+
+    Args:
+        plate_url: Path or URL of the OME-Zarr HCS plate.
+        config: Virtual-staining options: source and target channels, model, training.
+        output: Tables folder; default ``<plate>_tables`` beside the plate.
+        wells: Wells to learn from (e.g. ``["B02"]``); default every well.
+    """
     output_root = str(ProcessConfig(output=output).output_root(plate_url))
     plan = plan_virtual_stain(plate_url, config, output_root=output_root, wells=wells)
     return train_task(plan, config)
@@ -118,7 +125,14 @@ def virtual_stain_plate(
     output: str | None = None,
     wells: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse) the plate's virtual-staining model and fill `<target>_virtual` in."""
+    """Train (or reuse) the plate's virtual-staining model and fill `<target>_virtual` in.
+
+    Args:
+        plate_url: Path or URL of the OME-Zarr HCS plate.
+        config: Virtual-staining options; `model_id` reuses a stored model.
+        output: Tables folder for markers and QC; default ``<plate>_tables`` beside the plate.
+        wells: Wells to train on and predict into (e.g. ``["B02"]``); default every well.
+    """
     logger = get_run_logger()
     output_root = str(ProcessConfig(output=output).output_root(plate_url))
     plan = plan_virtual_stain(plate_url, config, output_root=output_root, wells=wells)
@@ -134,7 +148,7 @@ def virtual_stain_plate(
     if not config.model_id:  # trained in this run: show how training went
         create_markdown_artifact(
             training_report(card),
-            key=artifact_key("vs-training", plan.plate_name),
+            key=artifact_key("vs-training", plan.plate_name, plan.plate_url),
             description=f"training curve of {model_id}",
         )
     rows: list[dict[str, Any]] = []
@@ -159,7 +173,7 @@ def virtual_stain_plate(
     if summary:
         create_table_artifact(
             table=summary,
-            key=artifact_key("virtual-stain-qc", plan.plate_name),
+            key=artifact_key("virtual-stain-qc", plan.plate_name, plan.plate_url),
             description=(
                 f"Virtual {config.model.target_channel} vs real, model {model_id}: PCC and "
                 f"marker FN/FP rates (one-to-one within {config.match_distance_um} µm)"

@@ -87,12 +87,20 @@ def watch_plates(
     config: ProcessConfig | None = None,
     preset: PresetName = "classical",
 ) -> dict[str, list[str]]:
-    """Run the plate pipeline (with `preset`; `config` overrides it) on every plate in
-    ``folder`` that has not been processed yet."""
+    """Run the plate pipeline on every plate in ``folder`` that has not been processed yet.
+
+    Args:
+        folder: Folder the acquisition side copies plates (``*.zarr``) into; created, with
+            a warning, when missing.
+        options: How plates are found and handed on (pattern, settling age, deployment).
+        config: Options that override the preset for every plate (only those set count).
+        preset: classical, annotation-free or supervised.
+    """
     logger = get_run_logger()
     options = options or WatchOptions()
     config = config or ProcessConfig()
-    candidates = [settle_submitted(c) for c in find_plates(folder, options=options, config=config)]
+    found = find_plates(folder, options=options, config=config, logger=logger)
+    candidates = [settle_submitted(c) for c in found]
     todo = [c for c in candidates if needs_processing(c, max_attempts=options.max_attempts)]
     now, later = todo[: options.max_plates], todo[options.max_plates :]
     logger.info(

@@ -35,10 +35,24 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hcsseg")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc` as one line; pydantic's multi-line report becomes `option: why`."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"])
+            got = f" (got {err['input']!r:.60})" if where else ""
+            problems.append(f"{where or 'options'}: {err['msg']}{got}")
+        return f"invalid {exc.title} options: " + "; ".join(problems)
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def _fail(exc: BaseException) -> None:
     if DEBUG["on"]:
         raise exc
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -58,9 +72,14 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
 ) -> None:
     DEBUG["on"] = debug
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    # Prefect leaves a root handler it finds in place, so this one prints its records too:
+    # INFO (a few lines per task run) only with -v. Loggers stay at INFO, so every line
+    # still reaches the Prefect UI through Prefect's API handler.
+    terminal = logging.StreamHandler()
+    terminal.setLevel(logging.INFO if verbose else logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[terminal])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Prefect API call
 
 
 @app.command("import")
@@ -81,7 +100,9 @@ def import_cmd(
     pixel_size: Annotated[float, typer.Option(help="pixel size in micrometres")] = 1.0,
     plate_name: Annotated[str | None, typer.Option(help="plate name (default: from files)")] = None,
     ngff: Annotated[str, typer.Option(help="OME-Zarr version: 0.5 (zarr v3) or 0.4")] = "0.5",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it is a plate (anything else is left alone)")
+    ] = False,
 ) -> None:
     """Turn a folder of microscope TIFFs (one file per well/site/channel) into a plate."""
     from hcsseg.io.tiff_import import ImportOptions, import_tiff_folder
@@ -95,7 +116,7 @@ def import_cmd(
             version=ngff,  # type: ignore[arg-type]
         )
         plate = import_tiff_folder(folder, out, options=options, overwrite=overwrite)
-    except (HcssegError, ValueError) as exc:
+    except (HcssegError, ValueError, OSError) as exc:
         _fail(exc)
     n = sum(1 for _ in plate.iter_fields())
     typer.echo(f"wrote {out}: plate {plate.name}, {len(plate.wells())} wells, {n} fields")
@@ -116,7 +137,9 @@ def import_pairs_cmd(
     pixel_size: Annotated[float, typer.Option(help="pixel size in micrometres")] = 1.0,
     limit: Annotated[int | None, typer.Option(help="import only the first N pairs")] = None,
     ngff: Annotated[str, typer.Option(help="OME-Zarr version: 0.5 or 0.4")] = "0.5",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it is a plate (anything else is left alone)")
+    ] = False,
 ) -> None:
     """Import annotated image/label pairs; labels are kept as ground truth for evaluation."""
     from hcsseg.io.tiff_import import PairImportOptions, import_tiff_pairs
@@ -131,7 +154,7 @@ def import_pairs_cmd(
             version=ngff,  # type: ignore[arg-type]
         )
         plate = import_tiff_pairs(folder, out, options=options, overwrite=overwrite)
-    except (HcssegError, ValueError) as exc:
+    except (HcssegError, ValueError, OSError) as exc:
         _fail(exc)
     n = sum(1 for _ in plate.iter_fields())
     typer.echo(f"wrote {out}: {n} annotated fields in {len(plate.wells())} wells")
@@ -145,6 +168,8 @@ def info(plate_url: Annotated[str, typer.Argument(help="plate path")]) -> None:
     try:
         plate = open_plate(plate_url)
         wells = plate.wells()
+        if not wells:
+            raise HcssegError(f"plate {plate.name} ({plate_url}) lists no wells")
         first = plate.fields(wells[0])[0]
         typer.echo(f"plate {plate.name} (NGFF {plate.version}): {len(wells)} wells")
         typer.echo(f"channels: {', '.join(plate.channel_names(first))}")
@@ -255,6 +280,10 @@ def process(
             from hcsseg.pipeline.wells import plan_plate
 
             plan_plate(plate_url, cfg)  # bad input fails here, before Prefect starts
+        else:  # channels wait for the virtual stain; the plate path is checked now
+            from hcsseg.io.plate import open_plate
+
+            open_plate(plate_url)
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.process_plate import process_plate
@@ -427,6 +456,9 @@ def virtual_stain_cmd(
     """
     try:
         cfg = _virtual_config(source, target, model_id, steps, encoder, model_store, target_mode)
+        from hcsseg.io.plate import open_plate
+
+        open_plate(plate_url)  # a wrong path fails in a second, not after Prefect starts
         from flows.virtual_stain import virtual_stain_plate
         from hcsseg.pipeline.orchestration import prefect_api
 
@@ -499,6 +531,9 @@ def train(
             parent_model=parent_model,
             transfer=transfer,
         )
+        from hcsseg.io.plate import open_plate
+
+        open_plate(plate_url)  # a wrong path fails in a second, not after Prefect starts
         from flows.train_plate import train_plate
         from hcsseg.pipeline.orchestration import prefect_api
 

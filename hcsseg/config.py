@@ -116,12 +116,15 @@ class ProcessConfig(BaseModel):
     )
     wells: list[str] | None = Field(None, description="only these wells (e.g. ['B03'])")
     output: str | None = Field(
-        None, description="folder for Parquet tables; default: <plate>_tables beside the plate"
+        None,
+        description="folder for Parquet tables; default: PLATE_tables beside the plate "
+        "(PLATE: the plate folder's name without .zarr)",
     )
     virtual_stain: VirtualStainConfig | None = Field(
         None,
         description="first learn the nucleus stain from other channels and predict "
-        "<target>_virtual into every field (fields without the stain then use it)",
+        "TARGET_virtual into every field (TARGET: the nucleus channel, e.g. DAPI_virtual; "
+        "fields without the stain then use it)",
     )
     nuclei_method: Literal["classical", "distance_unet", "fpn2ws", "cellpose"] = Field(
         "classical", description="how nuclei are found; model methods need `hcsseg train` first"
@@ -136,7 +139,9 @@ class ProcessConfig(BaseModel):
         None, description="stored model id for cells; default: the latest for this plate"
     )
     model_store: str | None = Field(
-        None, description="folder of trained models; default: <plate>_models beside the plate"
+        None,
+        description="folder of trained models; default: PLATE_models beside the plate "
+        "(PLATE: the plate folder's name without .zarr)",
     )
     pixel_size_um: float | None = Field(
         None,

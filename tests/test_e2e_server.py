@@ -149,13 +149,15 @@ def _read_flow_run(env: dict[str, str], run_id: str):
     return run, artifacts
 
 
-def _check_outputs(plate_url: str) -> None:
+def _check_outputs(plate_url: str, wells: list[str] | None = None) -> None:
+    """Labels and a cell table for every well asked for (default: all of them)."""
     plate = open_plate(plate_url)
-    for ref in plate.iter_fields():
+    wells = wells or plate.wells()
+    for ref in plate.iter_fields(wells):
         assert {"nuclei", "cells"} <= set(plate.label_names(ref)), ref
     tables = Path(plate_url).with_name(Path(plate_url).stem + "_tables")
-    cells = sorted((tables / "cells").rglob("*.parquet"))
-    assert len(cells) == len(plate.wells()), cells
+    cells = sorted(p.stem for p in (tables / "cells").rglob("*.parquet"))
+    assert cells == sorted(wells), cells
 
 
 def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
@@ -177,34 +179,56 @@ def run_scenario(tmp: Path, env: dict[str, str], *, with_event: bool) -> None:
     _cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *names)
     _cli(env, "deployment", "run", "process-plate/on-demand", "--param", f"plate_url={on_demand}")
     (run,) = _runs_of(env, "process-plate/on-demand")
-    run_ids = {run["id"]: (on_demand, "plate-qc-demo-synthetic")}
+    runs: dict[str, tuple[str, str, list[str] | None]] = {
+        run["id"]: (on_demand, "plate-qc-demo-synthetic-", None)
+    }
 
     if with_event:
-        evented = synthetic_plate(
-            plates / "evented.zarr", wells=("C02",), fields_per_well=1, shape=(256, 256)
+        # one event names its preset and options, the other leaves them to the deployment
+        told = synthetic_plate(
+            plates / "told.zarr", wells=("C02", "C03"), fields_per_well=1, shape=(256, 256)
         ).url
-        event = Event(
-            event=PLATE_READY_EVENT,
-            resource={"prefect.resource.id": plate_resource_id("evented")},
-            payload={"plate_url": evented},
-        )
-        _api(env, "POST", "/events", [event.model_dump(mode="json")])
+        bare = synthetic_plate(
+            plates / "bare.zarr", wells=("D02",), fields_per_well=1, shape=(256, 256)
+        ).url
+        payloads = {
+            told: {"plate_url": told, "preset": "classical", "config": {"wells": ["C02"]}},
+            bare: {"plate_url": bare},
+        }
+        for name, payload in (("told", payloads[told]), ("bare", payloads[bare])):
+            event = Event(
+                event=PLATE_READY_EVENT,
+                resource={"prefect.resource.id": plate_resource_id(name)},
+                payload=payload,
+            )
+            _api(env, "POST", "/events", [event.model_dump(mode="json")])
         deadline = time.monotonic() + 60
-        while not (triggered := _runs_of(env, "plate-pipeline/on-plate-ready")):
-            assert time.monotonic() < deadline, "hcs.plate.ready did not trigger a flow run"
+        while len(triggered := _runs_of(env, "plate-pipeline/on-plate-ready")) < 2:
+            assert time.monotonic() < deadline, "hcs.plate.ready did not trigger two flow runs"
             time.sleep(1)
-        assert triggered[0]["parameters"] == {"plate_url": evented, "preset": "classical"}
-        run_ids[triggered[0]["id"]] = (evented, "pipeline-report-demo-synthetic")
+        by_plate = {t["parameters"]["plate_url"]: t for t in triggered}
+        assert by_plate[told]["parameters"] == payloads[told]
+        # missing keys render as null; the flow then takes the deployment's own preset
+        assert by_plate[bare]["parameters"] == {"plate_url": bare, "preset": None, "config": None}
+        runs[by_plate[told]["id"]] = (told, "pipeline-report-demo-synthetic-", ["C02"])
+        runs[by_plate[bare]["id"]] = (bare, "pipeline-report-demo-synthetic-", None)
 
     _cli(env, "worker", "start", "--pool", POOL, "--run-once", timeout=300)
 
-    for run_id, (plate_url, key) in run_ids.items():
+    for run_id, (plate_url, prefix, wells) in runs.items():
         flow_run, artifacts = _read_flow_run(env, run_id)
         assert flow_run.state is not None
         assert flow_run.state.is_completed(), (flow_run.state.type, flow_run.state.message)
-        _check_outputs(plate_url)
-        keys = {a.key for a in artifacts if a.flow_run_id == flow_run.id}
-        assert key in keys, keys
+        _check_outputs(plate_url, wells)
+        mine = [a for a in artifacts if a.flow_run_id == flow_run.id]
+        found = [a for a in mine if (a.key or "").startswith(prefix)]
+        assert len(found) == 1, [a.key for a in mine]
+        if prefix.startswith("pipeline-report"):
+            assert (found[0].description or "").startswith("classical pipeline on")
+    _, artifacts = _read_flow_run(env, next(iter(runs)))
+    keys = {a.key for a in artifacts if (a.key or "").startswith("plate-qc-demo-synthetic-")}
+    # same plate name in every store: one QC artifact key per store, none overwritten
+    assert len(keys) == len(runs), keys
 
 
 def test_deploy_run_and_trigger_on_a_sqlite_server(tmp_path):

@@ -11,7 +11,14 @@ from skimage.measure import label, regionprops
 from skimage.segmentation import expand_labels
 
 from hcsseg.errors import InputDataError
-from hcsseg.measure.features import FEATURE_COMPARTMENTS, feature_columns, measure_objects
+from hcsseg.measure.features import (
+    CQC_COLUMNS,
+    FEATURE_COMPARTMENTS,
+    feature_columns,
+    location_columns,
+    measure_objects,
+    object_metadata_columns,
+)
 
 
 def _objects() -> np.ndarray:
@@ -60,12 +67,14 @@ def test_matches_regionprops_and_numpy(dtype: type) -> None:
             "MinorAxisLength": p.axis_minor_length,
             "Orientation": np.degrees(p.orientation),
             "EquivalentDiameter": p.equivalent_diameter_area,
-            "EulerNumber": p.euler_number,
+            "Compactness": p.perimeter**2 / (4 * np.pi * p.area),
         }
         for name, value in expected_shape.items():
             assert row[f"Nuclei_AreaShape_{name}"] == pytest.approx(value, abs=1e-9), name
-        assert row.Nuclei_Location_Center_X == pytest.approx(p.centroid[1])
-        assert row.Nuclei_Location_Center_Y == pytest.approx(p.centroid[0])
+        # EulerNumber is no feature (constant); it flags nuclei in pieces or with holes
+        assert row.Metadata_cqc_nucleus_not_simply_connected == (p.euler_number != 1)
+        assert row.Metadata_Nuclei_Location_Center_X == pytest.approx(p.centroid[1])
+        assert row.Metadata_Nuclei_Location_Center_Y == pytest.approx(p.centroid[0])
         values = np.sort(image[labels == p.label].astype(np.float64) / scale)
         expected_intensity = {
             "IntegratedIntensity": values.sum(),
@@ -80,7 +89,7 @@ def test_matches_regionprops_and_numpy(dtype: type) -> None:
         for name, value in expected_intensity.items():
             assert row[f"Nuclei_Intensity_{name}_DNA"] == pytest.approx(value, rel=1e-9), name
     ring = table.loc[503]
-    assert ring.Nuclei_AreaShape_EulerNumber == 0
+    assert ring.Metadata_cqc_nucleus_not_simply_connected
     assert table.loc[500].Nuclei_AreaShape_Solidity == 1.0
 
 
@@ -94,7 +103,7 @@ def test_known_values_for_a_disc_and_a_bar() -> None:
     image[45:50, 40:50] = 1.0  # the bar's right end is brighter
     table = measure_objects(labels, None, {"GFP": image}).set_index("Metadata_ObjectNumber")
     disc, bar = table.loc[1], table.loc[2]
-    assert disc.Nuclei_AreaShape_Compactness == pytest.approx(1.0, abs=0.02)
+    assert disc.Nuclei_AreaShape_Compactness == pytest.approx(1 / disc.Nuclei_AreaShape_FormFactor)
     assert disc.Nuclei_AreaShape_Eccentricity < 0.05
     # CellProfiler's hull runs through pixel-edge midpoints, so even a disc scores below 1
     assert 0.9 < disc.Nuclei_AreaShape_Solidity < 0.95
@@ -138,13 +147,19 @@ def test_empty_table_has_schema_and_dtypes() -> None:
     empty = np.zeros((8, 8), np.uint32)
     table = measure_objects(empty, empty, {"DNA": np.zeros((8, 8), np.uint16)})
     assert len(table) == 0
-    assert list(table.columns[3:]) == feature_columns(("DNA",))
-    assert {c.split("_")[0] for c in table.columns[3:]} == set(FEATURE_COMPARTMENTS)
+    meta = object_metadata_columns()
+    assert list(table.columns) == [*meta, *feature_columns(("DNA",))]
+    features = table.columns[len(meta) :]
+    assert {c.split("_")[0] for c in features} == set(FEATURE_COMPARTMENTS)
     assert table.Metadata_ObjectNumber.dtype == np.int64
-    assert (table.dtypes.iloc[3:] == np.float64).all()
+    assert (table.dtypes[features] == np.float64).all()
+    assert (table.dtypes[list(CQC_COLUMNS)] == np.bool_).all()
     nuclei_only = measure_objects(empty, None, {})
-    assert list(nuclei_only.columns) == ["Metadata_ObjectNumber"] + [
-        c for c in feature_columns(()) if c.startswith("Nuclei_")
+    assert list(nuclei_only.columns) == [
+        "Metadata_ObjectNumber",
+        *location_columns(("Nuclei",)),
+        *CQC_COLUMNS,
+        *(c for c in feature_columns(()) if c.startswith("Nuclei_")),
     ]
 
 

@@ -30,6 +30,7 @@ from hcsseg.pipeline.orchestration import (
     TaskRunnerConfig,
     WatchOptions,
     build_task_runner,
+    emit_plate_ready,
     find_plates,
     needs_processing,
     read_status,
@@ -146,6 +147,33 @@ def test_process_plate_on_a_local_dask_cluster(tmp_path, processes):
     assert result["wells"] == 1 and result["cells"] == len(cells) > 0
 
 
+def test_wells_depend_on_the_plan_only(tmp_path):
+    """The server's task graph: each well hangs off the plan, never off another well
+    (three wells on two threads: the third starts after a first one has finished), and
+    each well's fields show up as a progress artifact of its task run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    plate = synthetic_plate(
+        tmp_path / "g.zarr", wells=("B02", "B03", "C02"), fields_per_well=2, shape=(96, 96)
+    )
+    state = process_plate(plate.url, return_state=True)
+    assert state.is_completed()
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=runs)
+        artifacts = client.read_artifacts(limit=100)
+    wells = {tr.id: tr for tr in task_runs if tr.name.startswith("well ")}
+    (plan,) = [tr.id for tr in task_runs if tr.name.startswith("plan ")]
+    assert len(wells) == 3
+    for run in wells.values():
+        upstream = {i.id for inputs in run.task_inputs.values() for i in inputs}
+        assert not upstream & set(wells), (run.name, run.task_inputs)
+        assert plan in upstream, (run.name, run.task_inputs)
+    progress = [a for a in artifacts if a.task_run_id in wells and a.type == "progress"]
+    assert len(progress) == 3 and all(a.data == 100.0 for a in progress), progress
+
+
 # ---------------------------------------------------------------- plate report
 
 
@@ -250,14 +278,45 @@ def test_find_plates_lists_only_settled_hcs_plates(tmp_path):
     found = find_plates(tmp_path, options=WatchOptions(min_age_seconds=300))
     assert [c.plate_url for c in found] == [old]
     assert found[0].status is None
-    assert found[0].status_path == tmp_path / "old_tables" / "_runs" / "demo-synthetic.json"
+    assert found[0].status_path == tmp_path / "old_tables" / ".hcsseg/runs/demo-synthetic.json"
     everything = find_plates(tmp_path, options=WatchOptions(min_age_seconds=0))
     assert [c.plate_url for c in everything] == [fresh, old]
     nested = _tiny(tmp_path / "run1" / "nested.zarr")
     recursive = find_plates(tmp_path, options=WatchOptions(min_age_seconds=0, recursive=True))
     assert [c.plate_url for c in recursive] == [fresh, old, nested]
-    with pytest.raises(HcssegError, match="does not exist"):
-        find_plates(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(HcssegError, match="not a folder"):
+        find_plates(tmp_path / "a-file")
+
+
+def test_a_missing_watched_folder_is_created_with_a_warning(tmp_path, caplog):
+    """After infra/bootstrap.sh nobody has made the folder yet: no plates, not a failure."""
+    folder = tmp_path / "data" / "incoming"
+    with caplog.at_level("WARNING", logger="hcsseg.pipeline.orchestration"):
+        assert find_plates(folder) == []
+    assert folder.is_dir()
+    assert "did not exist; created it" in caplog.text
+    report = watch_plates(str(tmp_path / "elsewhere"), WatchOptions(min_age_seconds=0))
+    assert report == {"submitted": [], "completed": [], "failed": [], "waiting": []}
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_plate_ready_event_carries_preset_and_set_options_only(monkeypatch):
+    import prefect.events
+
+    sent: list[dict] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw))
+    emit_plate_ready("/data/p1.zarr")
+    emit_plate_ready(
+        "/data/p2.zarr", preset="annotation-free", config=ProcessConfig(cell_channel="MAP2")
+    )
+    assert sent[0]["payload"] == {"plate_url": "/data/p1.zarr"}
+    assert sent[0]["resource"]["prefect.resource.id"] == "hcs.plate.p1"
+    assert sent[1]["payload"] == {
+        "plate_url": "/data/p2.zarr",
+        "preset": "annotation-free",
+        "config": {"cell_channel": "MAP2"},
+    }
 
 
 def test_status_decides_what_needs_processing(tmp_path):

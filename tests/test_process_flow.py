@@ -55,7 +55,7 @@ def test_flow_writes_labels_features_and_qc(small_plate):
         "Metadata_ObjectNumber",
         "Metadata_Cells_Parent_Nuclei",
         "Nuclei_AreaShape_Area",
-        "Nuclei_Location_Center_X",
+        "Metadata_Nuclei_Location_Center_X",
         "Cells_Intensity_MeanIntensity_DNA",
         "Cytoplasm_Intensity_MeanIntensity_Cytoplasm",
     ):

@@ -44,7 +44,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference" / "plate.zarr"
     shutil.copytree(killed, reference)
 
-    done_dir = killed.parent / "plate_tables" / "done"
+    done_dir = killed.parent / "plate_tables" / ".hcsseg" / "done"
     proc = _run(killed, env)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -18,15 +18,33 @@ from hcsseg.evaluate.metrics import evaluate_images, summarize_images
 from hcsseg.export.tables import safe_name, write_parquet
 from hcsseg.io.plate import open_plate
 
+# provenance keys `hcsseg process` writes into the label images it segments
+SEGMENTED_BY = ("nuclei_method", "cells_method")
+
 
 def evaluate_plate(
     plate_url: str, *, pred: str, truth: str, wells: list[str] | None = None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-field metrics table and dataset summary for labels `pred` vs `truth`."""
     plate = open_plate(plate_url)
+    if pred == truth:
+        raise HcssegError(f"plate {plate.name}: pred and truth are both {truth!r}")
     refs = [r for r in plate.iter_fields(wells) if truth in plate.label_names(r)]
     if not refs:
-        raise HcssegError(f"plate {plate.name}: no field has ground-truth labels {truth!r}")
+        labels = sorted({n for r in plate.iter_fields(wells) for n in plate.label_names(r)})
+        raise HcssegError(
+            f"plate {plate.name}: no field has ground-truth labels {truth!r}; "
+            f"label images present: {', '.join(labels) or '(none)'}"
+        )
+    for ref in refs:  # a segmentation scored against another scores nothing: refuse it
+        made = {k: v for k, v in plate.label_provenance(ref, truth).items() if k in SEGMENTED_BY}
+        if made:
+            how = ", ".join(f"{k}={v!r}" for k, v in made.items())
+            raise HcssegError(
+                f"plate {plate.name} field {ref.path}: label image {truth!r} is not ground "
+                f"truth, `hcsseg process` segmented it ({how}); name imported annotations "
+                "(hcsseg import-pairs), e.g. nuclei_gt"
+            )
     lacking = [r.path for r in refs if pred not in plate.label_names(r)]
     if lacking:
         raise HcssegError(

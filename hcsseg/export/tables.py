@@ -6,7 +6,10 @@ Layout (one file per well, so a re-run of a well replaces its rows, never adds t
     <root>/image_qc/<plate>/<well>.parquet    one row per field (CellProfiler Image_ names)
     <root>/markers/<plate>/<well>.parquet     nucleus markers (virtual-staining step)
     <root>/well_qc/<plate>.parquet            one row per well, written when a plate finishes
+    <root>/.hcsseg/                           bookkeeping: stage and well markers, locks, runs
 
+Each table folder holds Parquet files only (a write's temporary file is a dot-file, which
+readers skip), so each is a dataset of one schema; `.hcsseg` is hidden for the same reason.
 Directory names carry no ``key=value`` so readers do not add categorical partition
 columns that clash with the ``Metadata_`` columns kept inside each file: pandas,
 pyarrow, DuckDB (``read_parquet('<root>/cells/**/*.parquet')``) and pycytominer read it
@@ -50,6 +53,11 @@ def write_parquet(df: pd.DataFrame, path: Path, *, metadata: Mapping[str, Any]) 
     """Atomic zstd Parquet write with key-value metadata (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
+    if any(pa.types.is_null(f.type) for f in table.schema):
+        # An empty text column (a well without cells) has no type to infer: string, as in
+        # the other files of the dataset, so each table folder keeps one schema.
+        fields = [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+        table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
     kv = {
         b"producer": b"hcsseg",
         b"producer_version": producer_version().encode(),

@@ -19,6 +19,8 @@ import zarr
 from hcsseg.errors import ChannelNotFoundError, HcssegError, PlateFormatError
 
 NgffVersion = Literal["0.4", "0.5"]
+# plate/row/well/field/labels/label/level: how far below a plate a user's path can be
+MAX_PLATE_DEPTH = 6
 
 
 @dataclass(frozen=True, order=True)
@@ -252,6 +254,13 @@ class Plate:
             return []
         return [str(n) for n in ome_attrs(group["labels"]).get("labels", [])]
 
+    def label_provenance(self, ref: FieldRef, name: str) -> dict[str, Any]:
+        """How hcsseg made a label image (`image-label.hcsseg`); {} for foreign labels."""
+        if name not in self.label_names(ref):
+            return {}
+        meta = ome_attrs(self.image_group(ref)[f"labels/{name}"]).get("image-label", {})
+        return dict(meta.get("hcsseg") or {})
+
     def read_labels(self, ref: FieldRef, name: str, *, level: int = 0) -> np.ndarray:
         names = self.label_names(ref)
         if name not in names:
@@ -268,13 +277,60 @@ class Plate:
         return data
 
 
+def _part_kind(attrs: dict[str, Any]) -> str:
+    """What a group inside a plate is, in the words the user knows it by."""
+    if "well" in attrs:
+        return "well"
+    if "image-label" in attrs:
+        return "label image"
+    if "multiscales" in attrs:
+        return "field"
+    return "part"
+
+
+def _enclosing_plate(path: Path) -> Plate | None:
+    """The plate a path lies inside (a row, well, field, label or array), if any."""
+    for parent in list(path.parents)[:MAX_PLATE_DEPTH]:
+        try:
+            group = zarr.open_group(str(parent), mode="r")
+        except Exception:  # not a zarr group: keep walking up
+            continue
+        if "plate" in ome_attrs(group):
+            try:
+                return Plate(parent, group)
+            except PlateFormatError:
+                return None
+    return None
+
+
 def open_plate(url: str | Path, *, mode: Literal["r", "r+"] = "r") -> Plate:
-    """Open a plate for reading (or metadata updates with ``r+``); clear error otherwise."""
+    """Open a plate for reading (or metadata updates with ``r+``); clear error otherwise.
+
+    A path inside a plate (well, field) is refused with the plate's path, since that is
+    the usual slip and the fix is one copy-paste away.
+    """
     path = Path(url)
     if not path.exists():
         raise PlateFormatError(f"no plate at {url}: path does not exist")
+    group: zarr.Group | None = None
+    attrs: dict[str, Any] = {}
     try:
         group = zarr.open_group(str(path), mode=mode)
-    except Exception as exc:  # zarr raises several types for a non-zarr folder
-        raise PlateFormatError(f"{url} is not a zarr group (not an OME-Zarr plate): {exc}") from exc
+        attrs = ome_attrs(group)
+    except Exception:  # zarr raises several types for a file, a non-zarr folder, an array
+        pass
+    if group is None or "plate" not in attrs:
+        parent = _enclosing_plate(path)
+        if parent is not None:
+            raise PlateFormatError(
+                f"{url} is a {_part_kind(attrs)} of plate {parent.name}; "
+                f"pass the plate: {parent.url}"
+            )
+    if group is None:
+        if path.is_file():
+            raise PlateFormatError(
+                f"{url} is a file, not an OME-Zarr HCS plate (plates are folders)"
+            )
+        what = "an empty folder" if not any(path.iterdir()) else "a folder without zarr metadata"
+        raise PlateFormatError(f"{url} is not an OME-Zarr HCS plate: {what}")
     return Plate(url, group)

@@ -9,8 +9,11 @@ chunk.
 from __future__ import annotations
 
 import math
+import os
 import shutil
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hcsseg.errors import HcssegError, InputDataError
+from hcsseg.errors import HcssegError, InputDataError, PlateFormatError
 from hcsseg.io.plate import FieldRef, NgffVersion, Plate, ome_attrs, open_plate
 
 DEFAULT_COLORS = ["0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00", "FFFFFF"]
@@ -201,6 +204,56 @@ class FieldSpec:
     shape_yx: tuple[int, int]
 
 
+def check_destination(url: str | Path, *, overwrite: bool) -> None:
+    """Refuse to write a plate at `url` unless nothing is there or, with `overwrite`, a plate.
+
+    Anything else (a user's folder, a file) is never replaced: `--overwrite` once deleted a
+    folder that was not a plate.
+    """
+    path = Path(url)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise HcssegError(f"{url} already exists; pass --overwrite to replace it")
+    try:
+        open_plate(path)
+    except PlateFormatError:
+        what = "a folder" if path.is_dir() else "a file"
+        raise HcssegError(
+            f"{url} is {what}, not an OME-Zarr HCS plate; --overwrite replaces only a plate, "
+            "so it was left alone (remove it yourself or choose another OUT)"
+        ) from None
+
+
+@contextmanager
+def staged_plate(url: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh path beside `url` to build a plate in, swapped into place once complete.
+
+    The old plate (with `overwrite`) stays untouched until the new one is whole, and a
+    failed build leaves nothing behind: the swap renames the old plate to a backup name,
+    the new one into place, then deletes the backup.
+    """
+    final = Path(url).absolute()
+    check_destination(url, overwrite=overwrite)
+    token = uuid.uuid4().hex[:8]
+    staged = final.with_name(f"{final.name}.tmp-{token}")
+    backup = final.with_name(f"{final.name}.old-{token}")
+    try:
+        yield staged
+        check_destination(url, overwrite=overwrite)  # something may have appeared meanwhile
+        if final.exists():
+            os.replace(final, backup)
+        try:
+            os.replace(staged, final)
+        except OSError:
+            if backup.exists():
+                os.replace(backup, final)
+            raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def create_plate(
     url: str | Path,
     *,
@@ -210,14 +263,13 @@ def create_plate(
     dtype: Any,
     pixel_size_um: float,
     version: NgffVersion = "0.5",
-    overwrite: bool = False,
 ) -> Plate:
-    """Lay out a plate: every group, metadata entry and (empty) array, no pixels yet."""
+    """Lay out a plate: every group, metadata entry and (empty) array, no pixels yet.
+
+    `url` must not exist; to replace a plate, build it in `staged_plate`.
+    """
     path = Path(url)
-    if path.exists():
-        if not overwrite:
-            raise HcssegError(f"{url} already exists (pass overwrite=True to replace it)")
-        shutil.rmtree(path)
+    check_destination(path, overwrite=False)
     if not fields:
         raise InputDataError(f"plate {name}: no fields to write")
     if pixel_size_um <= 0 or not math.isfinite(pixel_size_um):

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from hcsseg.errors import ImportPatternError, InputDataError
 from hcsseg.io.labels import write_labels
-from hcsseg.io.plate import FieldRef, NgffVersion, Plate, parse_well
+from hcsseg.io.plate import FieldRef, NgffVersion, Plate, open_plate, parse_well
 from hcsseg.io.plate_writer import (
     ChannelSpec,
     FieldSpec,
     create_plate,
     row_name,
+    staged_plate,
     write_field_image,
 )
 
@@ -58,7 +59,7 @@ class ImportOptions(BaseModel):
     )
     channel_names: dict[str, str] = Field(
         default_factory=dict,
-        description="file channel token -> channel name, e.g. {'0': 'DNA', '2': 'GFP'}",
+        description="file channel token: channel name, e.g. {'0': 'DNA', '2': 'GFP'}",
     )
     pixel_size_um: float = Field(1.0, gt=0, description="pixel size in micrometres")
     plate_name: str | None = None
@@ -183,8 +184,8 @@ def _write(
     channels: list[str],
     pixel_size_um: float,
     version: NgffVersion,
-    overwrite: bool,
-) -> Plate:
+) -> None:
+    """Write the plate at `out` (a staged path: it is moved into place when complete)."""
     specs: list[FieldSpec] = []
     dtypes = []
     sites_per_well: dict[tuple[str, int], int] = {}
@@ -217,7 +218,6 @@ def _write(
         dtype=dtype,
         pixel_size_um=pixel_size_um,
         version=version,
-        overwrite=overwrite,
     )
     for f, idx in tqdm(
         list(zip(fields, field_index, strict=True)), desc=f"importing {plate_name}", unit="field"
@@ -235,35 +235,39 @@ def _write(
             if not np.issubdtype(labels.dtype, np.integer):
                 raise InputDataError(f"{path}: labels must be integers, got {labels.dtype}")
             write_labels(plate, ref, name, labels, properties={"source_file": str(path)})
-    return plate
 
 
 def import_tiff_folder(
     folder: str | Path, out: str | Path, *, options: ImportOptions, overwrite: bool = False
 ) -> Plate:
-    """Import a folder of per-(well, site, channel) TIFFs as a plate."""
-    plate_name, fields, channels = scan_folder(Path(folder), options)
-    log.info("importing %d fields, channels %s into %s", len(fields), channels, out)
-    return _write(
-        Path(out),
-        plate_name=plate_name,
-        fields=fields,
-        channels=channels,
-        pixel_size_um=options.pixel_size_um,
-        version=options.version,
-        overwrite=overwrite,
-    )
+    """Import a folder of per-(well, site, channel) TIFFs as a plate.
+
+    `out` is checked first and replaced only once the new plate is complete
+    (`staged_plate`), so a failed import never costs the old plate.
+    """
+    with staged_plate(out, overwrite=overwrite) as staged:
+        plate_name, fields, channels = scan_folder(Path(folder), options)
+        log.info("importing %d fields, channels %s into %s", len(fields), channels, out)
+        _write(
+            staged,
+            plate_name=plate_name,
+            fields=fields,
+            channels=channels,
+            pixel_size_um=options.pixel_size_um,
+            version=options.version,
+        )
+    return open_plate(Path(out), mode="r+")
 
 
 class PairImportOptions(BaseModel):
-    """Image/label TIFF pairs: ``<stem>_img.tif`` (+ ``<stem>_<suffix>.tif`` channels)."""
+    """Image/label TIFF pairs: ``STEM_img.tif`` (+ ``STEM_SUFFIX.tif`` channels)."""
 
     model_config = ConfigDict(extra="forbid")
 
     image_channel: str = Field("DNA", description="channel name for the *_img.tif images")
     extra_channels: dict[str, str] = Field(
         default_factory=dict,
-        description="file suffix -> channel name for more channels, e.g. {'dapi': 'DAPI'}",
+        description="file suffix: channel name for more channels, e.g. {'dapi': 'DAPI'}",
     )
     labels_name: str = Field("nuclei_gt", description="label image name for *_lab.tif")
     pixel_size_um: float = Field(1.0, gt=0)
@@ -299,19 +303,18 @@ def import_tiff_pairs(
 ) -> Plate:
     """Import image/label pairs, one well per pair, labels kept as ground truth."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ImportPatternError(f"{folder} is not a folder")
-    fields = _pair_fields(folder, options)
-    channels = [options.image_channel, *options.extra_channels.values()]
-    return _write(
-        Path(out),
-        plate_name=options.plate_name or folder.name,
-        fields=fields,
-        channels=channels,
-        pixel_size_um=options.pixel_size_um,
-        version=options.version,
-        overwrite=overwrite,
-    )
+    with staged_plate(out, overwrite=overwrite) as staged:
+        if not folder.is_dir():
+            raise ImportPatternError(f"{folder} is not a folder")
+        _write(
+            staged,
+            plate_name=options.plate_name or folder.name,
+            fields=_pair_fields(folder, options),
+            channels=[options.image_channel, *options.extra_channels.values()],
+            pixel_size_um=options.pixel_size_um,
+            version=options.version,
+        )
+    return open_plate(Path(out), mode="r+")
 
 
 def plate_from_arrays(
@@ -333,16 +336,16 @@ def plate_from_arrays(
         counts[well] = idx + 1
         specs.append(FieldSpec(well=well, field=idx, shape_yx=data.shape[-2:]))
         refs.append(FieldRef(well[0], f"{well[1]:02d}", str(idx), idx))
-    plate = create_plate(
-        out,
-        name=name,
-        fields=specs,
-        channels=[ChannelSpec(c) for c in channels],
-        dtype=np.result_type(*[d.dtype for _, d in items]),
-        pixel_size_um=pixel_size_um,
-        version=version,
-        overwrite=overwrite,
-    )
-    for ref, (_, data) in zip(refs, items, strict=True):
-        write_field_image(plate, ref, data)
-    return plate
+    with staged_plate(out, overwrite=overwrite) as staged:
+        plate = create_plate(
+            staged,
+            name=name,
+            fields=specs,
+            channels=[ChannelSpec(c) for c in channels],
+            dtype=np.result_type(*[d.dtype for _, d in items]),
+            pixel_size_um=pixel_size_um,
+            version=version,
+        )
+        for ref, (_, data) in zip(refs, items, strict=True):
+            write_field_image(plate, ref, data)
+    return open_plate(Path(out), mode="r+")

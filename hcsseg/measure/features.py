@@ -12,8 +12,18 @@ columns can be compared with existing screens:
   and median use CellProfiler's rule (position ``n * q`` in the sorted pixels, interpolated).
 * shape: lengths and areas in pixels, each equal to what ``regionprops`` gives (CellProfiler
   calls it): 4-neighbourhood Perimeter, second-moment axes, Eccentricity and Orientation
-  (degrees, as CellProfiler), Solidity against the hull of the pixel-edge midpoints,
-  8-connected EulerNumber; FormFactor = 4π·Area/Perimeter², Compactness as CellProfiler.
+  (degrees, as CellProfiler), Solidity against the hull of the pixel-edge midpoints;
+  FormFactor = 4π·Area/Perimeter² and Compactness = Perimeter²/(4π·Area), as CellProfiler 4
+  computes it (its older docs describe a second-moment ratio it no longer calculates).
+
+Columns that are not morphology start with ``Metadata_`` so pycytominer's feature inference
+(compartment prefixes) leaves them out of aggregation, normalisation and selection:
+centroids (``Metadata_<Compartment>_Location_Center_X/Y``, as CytoTable names them) and
+per-object QC flags ``Metadata_cqc_<check>`` (coSMicQC's convention, dropped by
+``pycytominer.normalize(drop_cosmicqc_rows=True)``).  The 8-connected EulerNumber is not a
+feature: nuclei and cells are filled (1 almost everywhere) and cytoplasm is a ring (0), so
+the column is constant and only adds a z-score of noise; a nucleus whose Euler number is not
+1 (in pieces or with holes) is a segmentation defect and is flagged instead.
 
 Everything is vectorised over objects: the labelled pixels are sorted by object once per
 compartment and each feature is a ``np.ufunc.reduceat`` over the runs (convex hulls included,
@@ -26,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +45,21 @@ import pandas as pd
 from hcsseg.errors import InputDataError
 
 FEATURE_COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
+ID_COLUMNS = (
+    "Metadata_ObjectNumber",
+    "Metadata_Cells_Parent_Nuclei",
+    "Metadata_Cytoplasm_Parent_Cells",
+)
+CQC_COLUMNS = (
+    "Metadata_cqc_touches_border",  # nucleus or cell cut by the field edge
+    "Metadata_cqc_too_small",  # nucleus below SMALL_NUCLEUS_FACTOR x the typical diameter
+    "Metadata_cqc_too_large",  # nucleus above LARGE_NUCLEUS_FACTOR x the typical diameter
+    "Metadata_cqc_saturated",  # a pixel at the integer maximum in some channel
+    "Metadata_cqc_nucleus_not_simply_connected",  # nucleus in pieces or with holes
+)
+# Debris and clumps: half / twice the typical nucleus diameter (a quarter / four times the area).
+SMALL_NUCLEUS_FACTOR = 0.5
+LARGE_NUCLEUS_FACTOR = 2.0
 
 _SHAPE_FEATURES = (
     "AreaShape_Area",
@@ -46,11 +71,8 @@ _SHAPE_FEATURES = (
     "AreaShape_MinorAxisLength",
     "AreaShape_Orientation",
     "AreaShape_EquivalentDiameter",
-    "AreaShape_EulerNumber",
     "AreaShape_FormFactor",
     "AreaShape_Compactness",
-    "Location_Center_X",
-    "Location_Center_Y",
 )
 _INTENSITY_FEATURES = (
     "IntegratedIntensity",
@@ -101,21 +123,33 @@ def feature_columns(channel_tokens: tuple[str, ...]) -> list[str]:
     ]
 
 
+def location_columns(compartments: tuple[str, ...] = FEATURE_COMPARTMENTS) -> list[str]:
+    """Centroid columns, ``Metadata_`` so profiling tools never treat them as features."""
+    return [f"Metadata_{c}_Location_Center_{axis}" for c in compartments for axis in "XY"]
+
+
+def object_metadata_columns() -> list[str]:
+    """The non-feature columns `measure_objects` gives for nuclei + cells, in order."""
+    return [*ID_COLUMNS, *location_columns(), *CQC_COLUMNS]
+
+
 def measure_objects(
     nuclei: np.ndarray,
     cells: np.ndarray | None,
     channels: Mapping[str, np.ndarray],
     *,
     pixel_size_um: float | None = None,
+    typical_diameter_px: float | None = None,
 ) -> pd.DataFrame:
-    """One row per object id: shape, location and per-channel intensity features.
+    """One row per object id: ids, centroids, QC flags, then shape and intensity features.
 
     `channels` maps feature tokens (no underscores, see `channel_token`) to 2-D images.
     Cells share their nucleus's id (``Metadata_Cells_Parent_Nuclei``); cytoplasm is the
     cell minus the nuclei; a cell without a nucleus has parent 0 and NaN nucleus features,
     a nucleus without a cell NaN cell features.  `pixel_size_um` is accepted for symmetry
     with the callers, who record it in the file metadata: features stay in pixels, as in
-    CellProfiler.
+    CellProfiler.  `typical_diameter_px` is the nucleus size the segmentation expected
+    (the field's median nucleus when None); the size flags are relative to it.
     """
     del pixel_size_um
     nuclei = _check_labels(nuclei, "nuclei", None)
@@ -133,28 +167,73 @@ def measure_objects(
         ids = np.union1d(nucleus_ids, _ids(cells))
         cytoplasm = np.where(nuclei > 0, 0, cells)
         compartments += [("Cells", cells), ("Cytoplasm", cytoplasm)]
-        columns: dict[str, np.ndarray] = {
+        meta: dict[str, np.ndarray] = {
             "Metadata_ObjectNumber": ids,
             "Metadata_Cells_Parent_Nuclei": np.where(np.isin(ids, nucleus_ids), ids, 0),
             "Metadata_Cytoplasm_Parent_Cells": ids,
         }
     else:
         ids = nucleus_ids
-        columns = {"Metadata_ObjectNumber": ids}
+        meta = {"Metadata_ObjectNumber": ids}
+    meta = {k: v.astype(np.int64) for k, v in meta.items()}
 
+    features: dict[str, np.ndarray] = {}
     for compartment, labels in compartments:
         objects = _Objects.build(labels, ids)
+        meta[f"Metadata_{compartment}_Location_Center_X"] = objects.full(objects.cx)
+        meta[f"Metadata_{compartment}_Location_Center_Y"] = objects.full(objects.cy)
+        if compartment == "Nuclei":
+            euler = objects.full(_euler_8(objects.dense, len(ids))[objects.present])
         for feature, values in _shape_features(objects).items():
-            columns[f"{compartment}_{feature}"] = values
+            features[f"{compartment}_{feature}"] = values
         for token, image in images.items():
             for feature, values in _intensity_features(objects, image).items():
-                columns[f"{compartment}_Intensity_{feature}_{token}"] = values
-    frame = pd.DataFrame(columns)
-    for column in frame.columns:
-        frame[column] = frame[column].astype(
-            np.int64 if column.startswith("Metadata_") else np.float64
-        )
-    return frame
+                features[f"{compartment}_Intensity_{feature}_{token}"] = values
+    regions = [nuclei] if cells is None else [nuclei, cells]
+    meta |= _qc_flags(
+        ids,
+        regions,
+        images.values(),
+        diameter=features["Nuclei_AreaShape_EquivalentDiameter"],
+        euler=euler,
+        typical_diameter_px=typical_diameter_px,
+    )
+    return pd.DataFrame({**meta, **features})
+
+
+def _qc_flags(
+    ids: np.ndarray,
+    regions: list[np.ndarray],
+    images: Iterable[np.ndarray],
+    *,
+    diameter: np.ndarray,
+    euler: np.ndarray,
+    typical_diameter_px: float | None,
+) -> dict[str, np.ndarray]:
+    """The ``Metadata_cqc_*`` flags: True marks an object whose features are not to be trusted.
+
+    An object is its nucleus and its cell together.  Saturation uses the integer maximum, as
+    the image QC does (float images have no known ceiling and are never flagged).
+    """
+    edge = np.zeros(regions[0].shape, dtype=bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    saturated = [image == np.iinfo(image.dtype).max for image in images if image.dtype.kind in "iu"]
+    if typical_diameter_px is None:
+        finite = diameter[np.isfinite(diameter)]
+        typical_diameter_px = float(np.median(finite)) if finite.size else np.nan
+
+    def hit(mask: np.ndarray) -> np.ndarray:
+        return np.isin(ids, np.concatenate([labels[mask] for labels in regions]))
+
+    return {
+        "Metadata_cqc_touches_border": hit(edge),
+        "Metadata_cqc_too_small": diameter < SMALL_NUCLEUS_FACTOR * typical_diameter_px,
+        "Metadata_cqc_too_large": diameter > LARGE_NUCLEUS_FACTOR * typical_diameter_px,
+        "Metadata_cqc_saturated": (
+            hit(np.logical_or.reduce(saturated)) if saturated else np.zeros(ids.size, bool)
+        ),
+        "Metadata_cqc_nucleus_not_simply_connected": np.isfinite(euler) & (euler != 1),
+    }
 
 
 def _compartment_columns(compartment: str, tokens: tuple[str, ...]) -> list[str]:
@@ -298,12 +377,9 @@ def _shape_features(obj: _Objects) -> dict[str, np.ndarray]:
         "AreaShape_MinorAxisLength": obj.full(4 * np.sqrt(l2)),
         "AreaShape_Orientation": obj.full(np.degrees(orientation)),
         "AreaShape_EquivalentDiameter": obj.full(np.sqrt(4 * area / np.pi)),
-        "AreaShape_EulerNumber": obj.full(_euler_8(obj.dense, n)[obj.present]),
         "AreaShape_FormFactor": obj.full(form_factor),
-        # CellProfiler: mean squared distance to the centroid over area / 2π (disc = 1).
-        "AreaShape_Compactness": obj.full(2 * np.pi * (var_r + var_c) / area),
-        "Location_Center_X": obj.full(obj.cx),
-        "Location_Center_Y": obj.full(obj.cy),
+        # CellProfiler 4: Perimeter² / (4π·Area), its FormFactor inverted (a disc ≈ 1).
+        "AreaShape_Compactness": obj.full(perimeter**2 / (4 * np.pi * area)),
     }
 
 

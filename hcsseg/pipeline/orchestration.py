@@ -44,7 +44,7 @@ PLATE_READY_EVENT = "hcs.plate.ready"
 PLATE_RESOURCE_PREFIX = "hcs.plate."
 TASK_RUNNER_ENV = "HCSSEG_TASK_RUNNER"
 GPU_DEPLOYMENT_ENV = "HCSSEG_GPU_DEPLOYMENT"
-STATUS_DIR = "_runs"
+STATUS_DIR = ".hcsseg/runs"  # under stages.LEDGER_DIR, with the stage and well markers
 SERVER_TIMEOUT_ENV = "HCSSEG_SERVER_STARTUP_TIMEOUT"
 SERVER_TIMEOUT_DEFAULT = 600.0
 
@@ -360,23 +360,56 @@ def plate_resource_id(plate_name: str) -> str:
     return f"{PLATE_RESOURCE_PREFIX}{plate_name}"
 
 
-def emit_plate_ready(plate_url: str, *, plate_name: str | None = None) -> Any:
-    """Tell Prefect a plate is complete on disk; the event-triggered deployment runs it."""
+def emit_plate_ready(
+    plate_url: str,
+    *,
+    plate_name: str | None = None,
+    preset: str | None = None,
+    config: ProcessConfig | Mapping[str, Any] | None = None,
+) -> Any:
+    """Tell Prefect a plate is complete on disk; the event-triggered deployment runs it.
+
+    ``preset`` and ``config`` (only the options set) ride in the payload; left out, the
+    run uses the `plate-pipeline/on-plate-ready` deployment's own parameters.
+    """
     from prefect.events import emit_event
 
+    from hcsseg.pipeline.presets import set_options
+
     name = plate_name or Path(plate_url.rstrip("/")).stem
+    payload: dict[str, Any] = {"plate_url": plate_url}
+    if preset:
+        payload["preset"] = preset
+    if config is not None:
+        payload["config"] = set_options(config)
     return emit_event(
         event=PLATE_READY_EVENT,
         resource={"prefect.resource.id": plate_resource_id(name), "hcs.plate.url": plate_url},
-        payload={"plate_url": plate_url},
+        payload=payload,
     )
 
 
-def status_path(plate_url: str, plate_name: str, config: ProcessConfig) -> Path:
-    """Where the watcher records a plate's state: ``<tables>/_runs/<plate name>.json``.
+def deployment_parameter(name: str) -> Any:
+    """The current run's deployment's own value of parameter ``name`` (None outside one).
 
-    It sits with the tables (not in the plate) so a read-only plate store still works,
-    and under its own folder so Parquet readers of ``cells/`` never see it.
+    An event trigger's template renders a missing payload key as None, which replaces the
+    deployment's parameter; the flow reads the deployment's value back with this.
+    """
+    from prefect import get_client
+    from prefect.runtime import deployment
+
+    deployment_id = deployment.id
+    if not deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return (client.read_deployment(deployment_id).parameters or {}).get(name)
+
+
+def status_path(plate_url: str, plate_name: str, config: ProcessConfig) -> Path:
+    """Where the watcher records a plate's state: ``<tables>/.hcsseg/runs/<plate name>.json``.
+
+    It sits with the tables (not in the plate) so a read-only plate store still works, and
+    in the hidden bookkeeping folder so the tables root holds only Parquet datasets.
     """
     return config.output_root(plate_url) / STATUS_DIR / f"{safe_name(plate_name)}.json"
 
@@ -440,13 +473,28 @@ def find_plates(
     options: WatchOptions | None = None,
     config: ProcessConfig | None = None,
     now: float | None = None,
+    logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> list[PlateCandidate]:
-    """HCS plates in ``folder`` that are old enough to be complete, with their status."""
+    """HCS plates in ``folder`` that are old enough to be complete, with their status.
+
+    A missing folder is created (warning on ``logger``, e.g. a flow's run logger) and holds
+    no plates yet.
+    """
     options = options or WatchOptions()
     config = config or ProcessConfig()
     root = Path(folder)
+    if not root.exists():
+        # a fresh install (infra/bootstrap.sh) points the watcher at a folder nobody made
+        # yet: that is "no plates", not a failed run every 10 minutes
+        try:
+            root.mkdir(parents=True)
+        except OSError as exc:
+            (logger or log).warning("watched folder %s does not exist: %s", folder, exc)
+        else:
+            (logger or log).warning("watched folder %s did not exist; created it", folder)
+        return []
     if not root.is_dir():
-        raise HcssegError(f"watched folder {folder} does not exist or is not a folder")
+        raise HcssegError(f"watched folder {folder} is not a folder")
     now = time.time() if now is None else now
     found = []
     for path in _plate_dirs(root, options.pattern, recursive=options.recursive):

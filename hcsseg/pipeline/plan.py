@@ -20,6 +20,7 @@ from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, PlateTraining, ProcessConfi
 from hcsseg.errors import ChannelNotFoundError, HcssegError
 from hcsseg.io.plate import open_plate
 from hcsseg.pipeline.stages import stage_key
+from hcsseg.pipeline.wells import absolute_url
 from hcsseg.virtual_stain.plate import VIRTUAL_SUFFIX, VirtualStainConfig
 
 LABEL_FREE_NAMES = re.compile(
@@ -116,7 +117,10 @@ def _virtual_sources(
 
 
 def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
-    """Check the plate against the request and decide every stage; writes nothing."""
+    """Check the plate against the request and decide every stage; writes nothing.
+
+    Paths are made absolute here, once, so the plan means the same on any worker."""
+    plate_url = absolute_url(str(plate_url))
     plate = open_plate(plate_url)
     wells = plate.wells()
     if config.wells:
@@ -192,7 +196,7 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
                 "--virtual-source)",
             )
 
-    store = str(config.store(str(plate_url)))
+    store = absolute_url(str(config.store(plate_url)))
     stages: list[TrainStage] = []
     if training is not None:
         # pseudo-labels and markers need the real stain; a plate without it anywhere learns
@@ -262,9 +266,9 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
                 "classical preset or import ground truth (hcsseg import-pairs)"
             )
     return PipelinePlan(
-        plate_url=str(plate_url),
+        plate_url=plate_url,
         plate_name=plate.name,
-        output_root=str(config.output_root(str(plate_url))),
+        output_root=absolute_url(str(config.output_root(plate_url))),
         model_store=store,
         nucleus_channel=nucleus,
         cell_channel=cell,

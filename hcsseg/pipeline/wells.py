@@ -9,28 +9,37 @@ per table after all fields are done, so a killed run never leaves partial rows.
 
 from __future__ import annotations
 
-import fcntl
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, open_plate
-from hcsseg.measure.features import channel_token, feature_columns, measure_objects
+from hcsseg.measure.features import (
+    channel_token,
+    feature_columns,
+    measure_objects,
+    object_metadata_columns,
+)
 from hcsseg.measure.quality import QUALITY_FEATURES, image_quality, quality_columns
 from hcsseg.model_store import check_card_channels, latest_model, load_model
+from hcsseg.pipeline.stages import LEDGER_DIR
 from hcsseg.segment.methods import Segmenter
 from hcsseg.segment.scale import pixel_size_from_objects
 
@@ -85,12 +94,22 @@ def _field_channels(plate: Plate, wells: list[str]) -> dict[str, list[str]]:
     return {ref.path: plate.channel_names(ref) for ref in plate.iter_fields(wells)}
 
 
+def absolute_url(url: str) -> str:
+    """A local path made absolute (rows and plans then work from any directory or worker);
+    URLs with a scheme (``s3://``, ``file://``) are kept as they are."""
+    if len(urlsplit(url).scheme) > 1:  # one letter is a Windows drive, not a scheme
+        return url
+    return str(Path(url).resolve())
+
+
 def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     """Validate the request against the plate; raises before anything is written.
 
     A field without the nucleus channel uses ``<nucleus>_virtual`` when it has one (the
     virtual-staining step writes it), so plates stained in only some wells still work.
+    Paths are made absolute here, once, so everything derived from the plan is.
     """
+    plate_url = absolute_url(str(plate_url))
     plate = open_plate(plate_url)
     wells = plate.wells()
     if config.wells:
@@ -143,7 +162,7 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     tokens = [channel_token(c) for c in measure]
     if len(set(tokens)) != len(tokens):
         raise HcssegError(f"channels {measure} map to clashing feature tokens {tokens}")
-    store = config.store(str(plate_url))
+    store = absolute_url(str(config.store(plate_url)))
     # a model reading the nucleus stain reads its virtual prediction where the stain is missing
     readable = everywhere + [c.removesuffix(VIRTUAL_SUFFIX) for c in everywhere if c == fallback]
     nuclei_model = _resolve_model(
@@ -153,23 +172,23 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         store, "cells", config.cells_method, config.cells_model, plate.name, readable
     )
     return PlatePlan(
-        plate_url=str(plate_url),
+        plate_url=plate_url,
         plate_name=plate.name,
         wells=wells,
         nucleus_channel=nucleus,
         cell_channel=cell,
         measure_channels=measure,
-        output_root=str(config.output_root(str(plate_url))),
+        output_root=absolute_url(str(config.output_root(plate_url))),
         n_fields=len(per_field),
         config_hash=config_hash(config),
         nuclei_model=nuclei_model,
         cells_model=cells_model,
-        model_store=str(store),
+        model_store=store,
     )
 
 
 def _resolve_model(
-    store: Path, compartment: str, method: str, model: str | None, plate: str, channels: list[str]
+    store: str, compartment: str, method: str, model: str | None, plate: str, channels: list[str]
 ) -> str | None:
     """The stored model a method uses; its input channels must exist in every field."""
     if method == "classical":
@@ -199,8 +218,14 @@ def config_hash(config: ProcessConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def bookkeeping_dir(output_root: str | Path) -> Path:
+    """``<tables>/.hcsseg``: markers and locks, hidden so each table folder stays a clean
+    Parquet dataset (pandas, pyarrow and DuckDB skip dot-folders and never look there)."""
+    return Path(output_root) / LEDGER_DIR
+
+
 def _marker_path(plan: PlatePlan, well: str) -> Path:
-    return Path(plan.output_root) / "done" / safe_name(plan.plate_name) / f"{well}.json"
+    return bookkeeping_dir(plan.output_root) / "done" / safe_name(plan.plate_name) / f"{well}.json"
 
 
 def well_is_done(plan: PlatePlan, well: str) -> bool:
@@ -227,30 +252,34 @@ def _mark_done(plan: PlatePlan, well: str, tables: list[str], run_id: str | None
 
 @contextmanager
 def plate_lock(plan: PlatePlan) -> Iterator[None]:
-    """One run per plate at a time; the OS drops the lock if the holder dies."""
-    root = Path(plan.output_root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f".lock-{safe_name(plan.plate_name)}"
-    handle = path.open("a+")
+    """One run per plate at a time, refused at once if another run holds the plate.
+
+    `filelock` takes an OS lock (flock, or msvcrt on Windows) that dies with its holder, so a
+    killed run never blocks the next one.  It owns the lock file, so who holds it goes in a
+    small file beside it for the refusal message.
+    """
+    folder = bookkeeping_dir(plan.output_root) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = safe_name(plan.plate_name)
+    lock, holder = FileLock(folder / f"{name}.lock"), folder / f"{name}.holder"
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        try:
+            who = holder.read_text().strip()
+        except OSError:
+            who = "another process"
         raise HcssegError(
-            f"plate {plan.plate_name} is being processed by another run ({holder}); "
+            f"plate {plan.plate_name} is being processed by another run ({who}); "
             "wait for it to finish or stop it first"
         ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
     try:
+        since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) -> None:
@@ -274,12 +303,7 @@ def schema(plan: PlatePlan) -> list[str]:
     readers can concatenate them without schema merging.
     """
     tokens = tuple(channel_token(c) for c in plan.measure_channels)
-    return [
-        "Metadata_ObjectNumber",
-        "Metadata_Cells_Parent_Nuclei",
-        "Metadata_Cytoplasm_Parent_Cells",
-        *feature_columns(tokens),
-    ]
+    return [*object_metadata_columns(), *feature_columns(tokens)]
 
 
 def qc_schema(plan: PlatePlan) -> list[str]:
@@ -427,7 +451,12 @@ def process_well(
         write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
 
         features = measure_objects(
-            nuclei, cells, {tokens[c]: images[c] for c in present}, pixel_size_um=seg.pixel_size_um
+            nuclei,
+            cells,
+            {tokens[c]: images[c] for c in present},
+            pixel_size_um=seg.pixel_size_um,
+            # the nucleus size the segmentation expected at the scale it worked at
+            typical_diameter_px=config.typical_nucleus_um / seg.segmentation_pixel_size_um,
         )
         meta = {
             "Metadata_Plate": plan.plate_name,
@@ -441,8 +470,10 @@ def process_well(
             "Metadata_NucleiModel": plan.nuclei_model or config.nuclei_method,
             "Metadata_CellsModel": plan.cells_model or config.cells_method,
         }
+        # typed columns, so a field without cells keeps the schema (Metadata_Site int64)
         features = pd.concat(
-            [pd.DataFrame({k: [v] * len(features) for k, v in meta.items()}), features], axis=1
+            [pd.DataFrame({k: np.full(len(features), v) for k, v in meta.items()}), features],
+            axis=1,
         )
         cell_tables.append(features.reindex(columns=[*meta, *schema(plan)]))
 

@@ -132,7 +132,7 @@ class DistanceUNetOptions(BaseModel):
     tune_postprocessing: bool = Field(
         True,
         description="pick h and foreground_threshold on the held-out training fields "
-        "(train.val_fraction > 0), never on the fields to be segmented",
+        "(when train.val_fraction is above 0), never on the fields to be segmented",
     )
     tile: int = Field(512, ge=64, description="inference tile, multiple of 32")
     overlap: int = Field(64, ge=0)

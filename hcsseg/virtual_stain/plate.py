@@ -52,7 +52,9 @@ class VirtualStainConfig(BaseModel):
 
     model: VirtualStainOptions
     model_store: str | None = Field(
-        None, description="folder of trained models; default: <plate>_models beside the plate"
+        None,
+        description="folder of trained models; default: PLATE_models beside the plate "
+        "(PLATE: the plate folder's name without .zarr)",
     )
     model_id: str | None = Field(
         None, description="use this stored model instead of training a new one"

@@ -1,0 +1,98 @@
+"""Per-field feature tables where ngio and Fractal look for them: ``<field>/tables/<name>``.
+
+The Parquet dataset beside the plate (`hcsseg.export.tables`) is what pandas, DuckDB and
+pycytominer read; ngio (``open_ome_zarr_container(field).list_tables()``) and Fractal
+tasks only see tables inside the image. So each field image also gets a Fractal-style
+feature table (table spec v1): the group ``tables`` lists its tables in
+``{"tables": [...]}``; the group ``tables/<name>`` says ``type: feature_table``, which label
+image its rows describe (``region.path: ../labels/cells``) and that the ``label`` column
+holds the label values; the rows are in ``tables/<name>/table.parquet``, ngio's ``parquet``
+backend (no AnnData needed to write or read them).
+
+Pure I/O on local stores: the rows come from the per-well Parquet files the run wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import zarr
+
+from hcsseg.export.tables import well_table_path, write_parquet
+from hcsseg.io.plate import FieldRef, open_plate
+
+if TYPE_CHECKING:
+    from hcsseg.pipeline.wells import PlatePlan
+
+TABLE_NAME = "cells"
+LABEL_COLUMN = "label"
+BACKEND = "parquet"
+PARQUET_FILE = "table.parquet"
+
+
+def table_attrs(region: str, columns: list[str]) -> dict[str, Any]:
+    """Attributes of a feature table group, as ngio's FeatureTableV1 writes them."""
+    return {
+        "type": "feature_table",
+        "table_version": "1",
+        "fractal_table_version": "1",
+        "backend": BACKEND,
+        "region": {"path": f"../labels/{region}"},
+        "instance_key": LABEL_COLUMN,
+        "index_key": LABEL_COLUMN,
+        "index_type": "int",
+        "metadata_columns": [c for c in columns if c.startswith("Metadata_")],
+        "measurement_columns": [
+            c for c in columns if c != LABEL_COLUMN and not c.startswith("Metadata_")
+        ],
+    }
+
+
+def write_field_table(
+    plate_url: str,
+    ref: FieldRef,
+    rows: pd.DataFrame,
+    *,
+    name: str = TABLE_NAME,
+    region: str = "cells",
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``rows`` (one per object, ``Metadata_ObjectNumber`` = label value) as the
+    feature table ``name`` of one field image; replaces an earlier table of that name."""
+    table = rows.reset_index(drop=True)
+    table.insert(0, LABEL_COLUMN, table["Metadata_ObjectNumber"].astype("int64"))
+    image = zarr.open_group(str(Path(plate_url) / ref.path), mode="r+")
+    tables = image.require_group("tables")
+    group = tables.require_group(name)
+    path = write_parquet(
+        table,
+        Path(plate_url) / ref.path / "tables" / name / PARQUET_FILE,
+        metadata={"field": ref.path, **(metadata or {})},
+    )
+    group.attrs.update(table_attrs(region, list(table.columns)))
+    listed = list(tables.attrs.get("tables", []))
+    if name not in listed:  # listed last: a reader never finds a table without its rows
+        tables.attrs.update({"tables": [*listed, name]})
+    return path
+
+
+def write_field_tables(plan: PlatePlan) -> int:
+    """Each field of the plan's wells gets its cells as a feature table; returns how many.
+
+    Reads the per-well cell files (`Metadata_Site` picks the field's rows); a well without
+    one (failed in this run) is left alone.
+    """
+    plate = open_plate(plan.plate_url)
+    written = 0
+    for well in plan.wells:
+        source = well_table_path(plan.output_root, "cells", plan.plate_name, well)
+        if not source.is_file():
+            continue
+        cells = pd.read_parquet(source)
+        for ref in plate.fields(well):
+            rows = cells[cells["Metadata_Site"] == ref.site]
+            write_field_table(plan.plate_url, ref, rows, metadata={"source_table": str(source)})
+            written += 1
+    return written
