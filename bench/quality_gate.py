@@ -277,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"picking the watershed settings). Test: {len(result['test'])} fields. "
         + (
             "Test-time flips off (`TrainConfig.options['tta'] = False`, the only change from "
-            "the pipeline's training config; the pipeline itself cannot set it), so gate and "
+            "the pipeline's training config; in the pipeline: `train.nuclei_options`), so gate and "
             "test see the same inference."
             if not result["args"]["tta"]
             else "Test-time flips on (the recipe's default)."

@@ -36,7 +36,8 @@ def train_plate(
     Args:
         plate_url: Path or URL of the OME-Zarr HCS plate.
         config: What to train: compartment, method, input channels, ground truth, steps.
-        model_store: Folder of stored models; default ``<plate>_models`` beside the plate.
+        model_store: Folder of stored models; default PLATE_models beside the plate
+            (PLATE: the plate folder's name).
     """
     logger = get_run_logger()
     store = str(ProcessConfig(model_store=model_store).store(plate_url))

@@ -50,7 +50,8 @@ def train_virtual_stain(
     Args:
         plate_url: Path or URL of the OME-Zarr HCS plate.
         config: Virtual-staining options: source and target channels, model, training.
-        output: Tables folder; default ``<plate>_tables`` beside the plate.
+        output: Tables folder; default PLATE_tables beside the plate
+            (PLATE: the plate folder's name).
         wells: Wells to learn from (e.g. ``["B02"]``); default every well.
     """
     output_root = str(ProcessConfig(output=output).output_root(plate_url))
@@ -125,12 +126,14 @@ def virtual_stain_plate(
     output: str | None = None,
     wells: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse) the plate's virtual-staining model and fill `<target>_virtual` in.
+    """Train (or reuse) the plate's virtual-staining model and fill TARGET_virtual in
+    (TARGET: the nucleus stain).
 
     Args:
         plate_url: Path or URL of the OME-Zarr HCS plate.
         config: Virtual-staining options; `model_id` reuses a stored model.
-        output: Tables folder for markers and QC; default ``<plate>_tables`` beside the plate.
+        output: Tables folder for markers and QC; default PLATE_tables beside the plate
+            (PLATE: the plate folder's name).
         wells: Wells to train on and predict into (e.g. ``["B02"]``); default every well.
     """
     logger = get_run_logger()

@@ -1,7 +1,7 @@
 """Prefect flow: process every finished plate that lands in a folder, exactly once.
 
 Run on a cron schedule (deployments/prefect.yaml). Each run lists the HCS plates in the
-folder, skips those whose status file says they are done (``<tables>/_runs/<plate>.json``,
+folder, skips those whose status file says they are done (``TABLES/.hcsseg/runs/PLATE.json``,
 see `hcsseg.pipeline.orchestration.status_path`), and hands the others to `plate-pipeline` with
 the watcher's preset: inside this flow run by default, or as runs of a deployment when
 ``options.deployment_name`` is set, so a CPU pool (or Dask) does the work while the

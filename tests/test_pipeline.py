@@ -220,3 +220,24 @@ def test_a_server_that_does_not_start_in_time_is_one_clear_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did not answer within 1 s" in lines[0], done.stderr
     assert not Path(plate.url).with_name("p_tables").exists()
+
+
+def test_flow_parameters_have_descriptions_the_ui_can_show():
+    """Every flow parameter has a description, with no angle brackets (the UI drops them)."""
+    from flows.process_plate import process_plate
+    from flows.train_plate import train_plate
+    from flows.virtual_stain import train_virtual_stain, virtual_stain_plate
+    from flows.watch_plates import watch_plates
+
+    for flow in (
+        plate_pipeline,
+        process_plate,
+        train_plate,
+        train_virtual_stain,
+        virtual_stain_plate,
+        watch_plates,
+    ):
+        for name, prop in flow.parameters.properties.items():
+            text = prop.get("description") or ""
+            assert text, f"{flow.name}: parameter {name} has no description"
+            assert "<" not in text and ">" not in text, f"{flow.name}.{name}: {text}"
