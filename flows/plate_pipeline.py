@@ -33,6 +33,7 @@ from hcsseg.export.tables import safe_name, write_parquet
 from hcsseg.model_store import find_model
 from hcsseg.pipeline.gate import run_gate
 from hcsseg.pipeline.orchestration import (
+    check_remote_run,
     deployment_parameter,
     submit_gpu_work,
     task_runner_config_from_env,
@@ -81,11 +82,7 @@ def train_task(plan: PipelinePlan, stage: TrainStage) -> str:
     )
     if run is None:
         return str(train_plate(plan.plate_url, config, plan.model_store)["model_id"])
-    if run.state is None or not run.state.is_completed():
-        raise HcssegError(
-            f"training run {run.name} for {stage.compartment} ended "
-            f"{run.state and run.state.name}: {run.state and run.state.message}"
-        )
+    check_remote_run(run, f"{stage.compartment} training")
     model_id = find_model(plan.model_store, request_id=config.request_id)
     if model_id is None:
         raise HcssegError(f"training run {run.name} finished but stored no model")

@@ -18,7 +18,7 @@ from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.model_store import latest_model, load_card
-from hcsseg.pipeline.orchestration import gpu_slot, submit_gpu_work
+from hcsseg.pipeline.orchestration import check_remote_run, gpu_slot, submit_gpu_work
 from hcsseg.report import training_report
 from hcsseg.virtual_stain.model import KIND
 from hcsseg.virtual_stain.plate import (
@@ -71,8 +71,7 @@ def _train(plan: VirtualStainPlan, config: VirtualStainConfig, output: str | Non
     run = submit_gpu_work(config.gpu_deployment, params)
     if run is None:
         return train_task(plan, config)
-    if run.state is None or not run.state.is_completed():
-        raise HcssegError(f"GPU training run {run.name} ended {run.state and run.state.name}")
+    check_remote_run(run, "virtual-staining training")
     model_id = latest_model(config.store(plan.plate_url), KIND, plate=plan.plate_name)
     if model_id is None:
         raise HcssegError(f"GPU training run {run.name} finished but stored no model")

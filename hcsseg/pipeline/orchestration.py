@@ -356,6 +356,16 @@ def submit_gpu_work(
         ) from exc
 
 
+def check_remote_run(run: FlowRun, what: str) -> None:
+    """A deployment run handed work must have completed; anything else is one clear error."""
+    state = run.state
+    if state is None or not state.is_completed():
+        raise HcssegError(
+            f"{what} run {run.name} ended {state.name if state else 'without a state'}"
+            + (f": {state.message}" if state is not None and state.message else "")
+        )
+
+
 def plate_resource_id(plate_name: str) -> str:
     return f"{PLATE_RESOURCE_PREFIX}{plate_name}"
 

@@ -20,7 +20,7 @@ from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, PlateTraining, ProcessConfi
 from hcsseg.errors import ChannelNotFoundError, HcssegError
 from hcsseg.io.plate import open_plate
 from hcsseg.pipeline.stages import stage_key
-from hcsseg.pipeline.wells import absolute_url
+from hcsseg.pipeline.wells import absolute_url, pick_channel, select_wells
 from hcsseg.virtual_stain.plate import VIRTUAL_SUFFIX, VirtualStainConfig
 
 LABEL_FREE_NAMES = re.compile(
@@ -75,10 +75,6 @@ class PipelinePlan:
         return next((s for s in self.train if s.compartment == compartment), None)
 
 
-def _pick(names: list[str], pattern: re.Pattern[str]) -> str | None:
-    return next((n for n in names if pattern.search(n) and not n.endswith(VIRTUAL_SUFFIX)), None)
-
-
 def _spread(items: list[str], n: int) -> list[str]:
     if len(items) <= n:
         return list(items)
@@ -122,14 +118,7 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
     Paths are made absolute here, once, so the plan means the same on any worker."""
     plate_url = absolute_url(str(plate_url))
     plate = open_plate(plate_url)
-    wells = plate.wells()
-    if config.wells:
-        unknown = [w for w in config.wells if w not in wells]
-        if unknown:
-            raise HcssegError(
-                f"plate {plate.name}: wells {unknown} not in the plate; wells: {', '.join(wells)}"
-            )
-        wells = [w for w in wells if w in config.wells]
+    wells = select_wells(plate, config.wells)
     refs = list(plate.iter_fields(wells))
     if not refs:
         raise HcssegError(f"plate {plate.name} has no fields in wells {wells}")
@@ -137,7 +126,7 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
     labels = {r.path: plate.label_names(r) for r in refs}
     everywhere = [c for c in channels[refs[0].path] if all(c in n for n in channels.values())]
     anywhere = list(dict.fromkeys(c for n in channels.values() for c in n))
-    nucleus = config.nucleus_channel or _pick(anywhere, NUCLEUS_NAMES)
+    nucleus = config.nucleus_channel or pick_channel(anywhere, NUCLEUS_NAMES)
     if nucleus is None:
         raise ChannelNotFoundError(
             "<a nucleus stain such as DAPI/Hoechst/DNA>",
@@ -149,7 +138,7 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
     lacking = [p for p, n in channels.items() if nucleus not in n]
     cell = config.cell_channel
     if cell is None:
-        cell = _pick([c for c in everywhere if c != nucleus], CELL_NAMES)
+        cell = pick_channel([c for c in everywhere if c != nucleus], CELL_NAMES)
     elif cell not in everywhere:
         raise ChannelNotFoundError(cell, everywhere, where=f"every field of plate {plate.name}")
     training = config.train

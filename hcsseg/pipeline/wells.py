@@ -85,7 +85,21 @@ class WellResult:
     tables: list[str] = field(default_factory=list)
 
 
-def _pick(names: list[str], pattern: Any) -> str | None:
+def select_wells(plate: Plate, wanted: list[str] | None) -> list[str]:
+    """The plate's wells, or the `wanted` ones in plate order; an unknown well is an error."""
+    wells = plate.wells()
+    if wanted:
+        unknown = [w for w in wanted if w not in wells]
+        if unknown:
+            raise HcssegError(
+                f"plate {plate.name}: wells {unknown} not in the plate; wells: {', '.join(wells)}"
+            )
+        wells = [w for w in wells if w in wanted]
+    return wells
+
+
+def pick_channel(names: list[str], pattern: Any) -> str | None:
+    """The first measured (not virtual) channel whose name matches `pattern`."""
     return next((n for n in names if pattern.search(n) and not n.endswith(VIRTUAL_SUFFIX)), None)
 
 
@@ -111,14 +125,7 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     """
     plate_url = absolute_url(str(plate_url))
     plate = open_plate(plate_url)
-    wells = plate.wells()
-    if config.wells:
-        unknown = [w for w in config.wells if w not in wells]
-        if unknown:
-            raise HcssegError(
-                f"plate {plate.name}: wells {unknown} not in the plate; wells: {', '.join(wells)}"
-            )
-        wells = [w for w in wells if w in config.wells]
+    wells = select_wells(plate, config.wells)
     if not wells:
         raise HcssegError(f"plate {plate.name} has no wells")
     per_field = _field_channels(plate, wells)
@@ -127,7 +134,7 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     ]
     anywhere = list(dict.fromkeys(c for names in per_field.values() for c in names))
 
-    nucleus = config.nucleus_channel or _pick(anywhere, NUCLEUS_NAMES)
+    nucleus = config.nucleus_channel or pick_channel(anywhere, NUCLEUS_NAMES)
     if nucleus is None:
         raise ChannelNotFoundError(
             "<a nucleus stain such as DAPI/Hoechst/DNA>",
@@ -149,7 +156,7 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         raise ChannelNotFoundError(nucleus, anywhere, where=where)
     cell = config.cell_channel
     if cell is None:
-        cell = _pick([c for c in everywhere if c != nucleus], CELL_NAMES)
+        cell = pick_channel([c for c in everywhere if c != nucleus], CELL_NAMES)
     elif cell not in everywhere:
         raise ChannelNotFoundError(cell, everywhere, where=f"plate {plate.name}")
     if config.measure_channels:
