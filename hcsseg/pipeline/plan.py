@@ -16,11 +16,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, PlateTraining, ProcessConfig
+from hcsseg.config import CELL_NAMES, PlateTraining, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError
 from hcsseg.io.plate import open_plate
 from hcsseg.pipeline.stages import stage_key
-from hcsseg.pipeline.wells import absolute_url, pick_channel, select_wells
+from hcsseg.pipeline.wells import (
+    absolute_url,
+    channel_sets,
+    choose_nucleus_channel,
+    pick_channel,
+    select_wells,
+)
 from hcsseg.virtual_stain.plate import VIRTUAL_SUFFIX, VirtualStainConfig
 
 LABEL_FREE_NAMES = re.compile(
@@ -124,15 +130,8 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
         raise HcssegError(f"plate {plate.name} has no fields in wells {wells}")
     channels = {r.path: plate.channel_names(r) for r in refs}
     labels = {r.path: plate.label_names(r) for r in refs}
-    everywhere = [c for c in channels[refs[0].path] if all(c in n for n in channels.values())]
-    anywhere = list(dict.fromkeys(c for n in channels.values() for c in n))
-    nucleus = config.nucleus_channel or pick_channel(anywhere, NUCLEUS_NAMES)
-    if nucleus is None:
-        raise ChannelNotFoundError(
-            "<a nucleus stain such as DAPI/Hoechst/DNA>",
-            anywhere,
-            where=f"plate {plate.name} (set nucleus_channel / --nucleus-channel)",
-        )
+    everywhere, anywhere = channel_sets(channels)
+    nucleus = choose_nucleus_channel(config, anywhere, plate.name)
     virtual = f"{nucleus}{VIRTUAL_SUFFIX}"
     stained = [p for p, n in channels.items() if nucleus in n]
     lacking = [p for p, n in channels.items() if nucleus not in n]

@@ -116,6 +116,26 @@ def absolute_url(url: str) -> str:
     return str(Path(url).resolve())
 
 
+def channel_sets(per_field: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(channels in every field, channels in any field), in the plate's channel order."""
+    first = next(iter(per_field.values()))
+    everywhere = [c for c in first if all(c in names for names in per_field.values())]
+    anywhere = list(dict.fromkeys(c for names in per_field.values() for c in names))
+    return everywhere, anywhere
+
+
+def choose_nucleus_channel(config: ProcessConfig, anywhere: list[str], plate_name: str) -> str:
+    """The configured nucleus channel, else the first named like a nucleus stain."""
+    nucleus = config.nucleus_channel or pick_channel(anywhere, NUCLEUS_NAMES)
+    if nucleus is None:
+        raise ChannelNotFoundError(
+            "<a nucleus stain such as DAPI/Hoechst/DNA>",
+            anywhere,
+            where=f"plate {plate_name} (set nucleus_channel / --nucleus-channel)",
+        )
+    return nucleus
+
+
 def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     """Validate the request against the plate; raises before anything is written.
 
@@ -129,18 +149,8 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     if not wells:
         raise HcssegError(f"plate {plate.name} has no wells")
     per_field = _field_channels(plate, wells)
-    everywhere = [
-        c for c in next(iter(per_field.values())) if all(c in names for names in per_field.values())
-    ]
-    anywhere = list(dict.fromkeys(c for names in per_field.values() for c in names))
-
-    nucleus = config.nucleus_channel or pick_channel(anywhere, NUCLEUS_NAMES)
-    if nucleus is None:
-        raise ChannelNotFoundError(
-            "<a nucleus stain such as DAPI/Hoechst/DNA>",
-            anywhere,
-            where=f"plate {plate.name} (set nucleus_channel / --nucleus-channel)",
-        )
+    everywhere, anywhere = channel_sets(per_field)
+    nucleus = choose_nucleus_channel(config, anywhere, plate.name)
     fallback = f"{nucleus}{VIRTUAL_SUFFIX}"
     lacking = [
         f for f, names in per_field.items() if nucleus not in names and fallback not in names
