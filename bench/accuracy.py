@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -245,6 +247,58 @@ def dense(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def dense_cellpose(args: argparse.Namespace) -> dict[str, Any]:
+    """Cellpose trained from scratch with its own `train_seg` (through the product's backend)
+    on the dense split, on the wall-clock budget the supervised distance U-Net used."""
+    from hcsseg.segment.cellpose_backend import finetune_cellpose, run_cellpose
+
+    data, order, train, test = dense_data(args)
+    stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
+    prior = json.loads((RESULTS / "accuracy.json").read_text()) if not args.quick else {}
+    unet = prior.get("sections", {}).get("dense", {}).get("methods", {})
+    unet = unet.get("distance U-Net, supervised (surface + DAPI)", {})
+    budget = 30.0 if args.quick else float(args.budget or unet.get("train_wall_s", 1586.0))
+    common = {
+        "base_model": None,
+        "batch_size": 8,
+        "nimg_per_epoch": 8,
+        "channels": (1, 2),
+        "device": args.device,
+    }
+    work = Path(tempfile.mkdtemp(prefix="hcsseg-cellpose-"))
+    images = [stacks[s] for s in train]
+    labels = [data[s]["lab"] for s in train]
+    t0 = time.perf_counter()  # a short trial prices one epoch (flows of the labels included)
+    finetune_cellpose(images, labels, save_path=work, n_epochs=3, model_name="trial", **common)
+    per_epoch = (time.perf_counter() - t0) / 3
+    epochs = max(3, int(budget / per_epoch))
+    rec: dict = {}
+    with timed(rec, "train"):
+        weights, losses = finetune_cellpose(
+            images, labels, save_path=work, n_epochs=epochs, model_name="scratch", **common
+        )
+    truths = [data[s]["lab"] for s in test]
+    with timed(rec, "predict"):
+        preds = [run_cellpose(stacks[s], model=weights, channels=(1, 2)) for s in test]
+    shutil.rmtree(work, ignore_errors=True)
+    method = score(preds, truths, test) | rec
+    method |= {
+        "steps": epochs,
+        "note": f"Cellpose {epochs} epochs of one batch of 8 crops (224 px, no rotation), "
+        f"random init, AdamW lr 0.005, budget {budget:.0f} s wall (the supervised distance "
+        f"U-Net's training time); final training loss {float(losses[-1]):.3f}",
+    }
+    return {
+        "title": "Dense cells: Cellpose from scratch as a peer (dense-cells)",
+        "setup": f"The split of the dense section ({len(train)} training / {len(test)} test "
+        "fields), surface stain as Cellpose's cytoplasm channel and DAPI as its nucleus "
+        "channel, trained by `cellpose.train.train_seg` from random weights.",
+        "train": train,
+        "test": test,
+        "methods": {"Cellpose train_seg from scratch (surface + DAPI)": method},
+    }
+
+
 def dense_data(args: argparse.Namespace) -> tuple[dict, list[str], list[str], list[str]]:
     """dense-cells pairs (+ DAPI), the SHA-1 order, 5 training and 2 test fields; --quick
     keeps a 384² corner of each field."""
@@ -338,7 +392,12 @@ def dense_free(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-SECTIONS: dict[str, Section] = {"nuclei": nuclei, "dense": dense, "dense_free": dense_free}
+SECTIONS: dict[str, Section] = {
+    "nuclei": nuclei,
+    "dense": dense,
+    "dense_cellpose": dense_cellpose,
+    "dense_free": dense_free,
+}
 
 
 # ---------------------------------------------------------------------------- report
@@ -408,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=int(os.environ.get("HCSSEG_BENCH_THREADS", 2)))
     p.add_argument("--steps", type=int, default=None, help="override every step budget")
+    p.add_argument("--budget", type=float, default=None, help="Cellpose peer: training s")
     p.add_argument("--canonical", type=float, default=24.0, help="canonical diameter, px")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tag", default="", help="suffix of the result files (experiments)")

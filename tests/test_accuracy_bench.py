@@ -30,7 +30,7 @@ def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "accuracy_quick.json").read_text())
-    assert set(result["sections"]) == {"nuclei", "dense", "dense_free"}
+    assert set(result["sections"]) == {"nuclei", "dense", "dense_cellpose", "dense_free"}
     for section in result["sections"].values():
         assert section["machine"]["threads"] == 1
         for name, method in section["methods"].items():

@@ -148,6 +148,7 @@ def finetune_cellpose(
     rotate: bool = False,
     channels: Sequence[int] = (0, 0),
     min_train_masks: int = 5,
+    nimg_per_epoch: int | None = None,
     model_name: str | None = None,
     device: str = "auto",
     download_timeout: float = 3.0,
@@ -156,6 +157,7 @@ def finetune_cellpose(
     `cellpose.train.train_seg`; returns the saved weights file and the per-epoch losses.
 
     Han et al. 2024 (dense T cells) train on 448 px patches (`bsize=448`) without rotation.
+    `nimg_per_epoch` (default: the number of images) sets how many crops one epoch draws.
     Weights go to `save_path/models/<model_name>`."""
     if len(images) == 0 or len(images) != len(labels):
         raise InputDataError(f"need matching images and labels, got {len(images)}/{len(labels)}")
@@ -188,6 +190,7 @@ def finetune_cellpose(
             batch_size=batch_size,
             bsize=bsize,
             min_train_masks=min_train_masks,
+            nimg_per_epoch=nimg_per_epoch,
             model_name=model_name,
         )
     return Path(path), np.asarray(losses)
