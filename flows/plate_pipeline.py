@@ -30,6 +30,7 @@ from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.export.tables import safe_name, write_parquet
+from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.model_store import find_model
 from hcsseg.pipeline.gate import run_gate
 from hcsseg.pipeline.orchestration import (
@@ -156,12 +157,18 @@ def plate_pipeline(
             deployment's own `config` parameter, if any.
         force: Redo every stage and well, ignoring completion markers.
     """
-    logger = get_run_logger()
     if preset is None:
         preset = deployment_parameter("preset") or "classical"
     if config is None:
         config = deployment_parameter("config")
     cfg = preset_config(preset, set_options(config))
+    # one writer at a time from staining to the last table; the subflows re-enter the lock
+    with plate_write_lock(plate_url, "plate-pipeline"):
+        return _pipeline(plate_url, preset, cfg, force)
+
+
+def _pipeline(plate_url: str, preset: str, cfg: ProcessConfig, force: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     plan = plan_task(plate_url, cfg)
     for note in plan.notes:
         logger.info(note)

@@ -27,9 +27,11 @@ from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
 from hcsseg.export.ngio_tables import write_field_tables
 from hcsseg.io.plate import FieldRef, open_plate
+from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.pipeline.wells import (
     PlatePlan,
     finalize_plate,
+    forget_vanished_wells,
     plan_plate,
     plate_lock,
     process_well,
@@ -105,8 +107,14 @@ def process_plate(
         config: Segmentation, measurement and output options; unset ones keep their defaults.
         force: Redo every well, even those an earlier run finished with the same options.
     """
-    logger = get_run_logger()
     config = config or ProcessConfig()
+    # staining writes a channel: the plate is held from before it until the last table
+    with plate_write_lock(plate_url, "process"):
+        return _process(plate_url, config, force)
+
+
+def _process(plate_url: str, config: ProcessConfig, force: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     if config.virtual_stain is not None:
         vs = virtual_stain_plate(
             plate_url, config.virtual_stain, output=config.output, wells=config.wells
@@ -130,7 +138,11 @@ def process_plate(
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     with plate_lock(plan):
-        todo = [w for w in plan.wells if force or not well_is_done(plan, w)]
+        plate = open_plate(plan.plate_url)
+        vanished = forget_vanished_wells(plan, plate)
+        if vanished:
+            logger.info("dropped tables of wells the plate no longer has: %s", vanished)
+        todo = [w for w in plan.wells if force or not well_is_done(plan, w, plate)]
         skipped = len(plan.wells) - len(todo)
         if skipped:
             logger.info("%d wells already done with these options; skipping them", skipped)

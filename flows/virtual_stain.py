@@ -17,6 +17,7 @@ from prefect.futures import as_completed
 from flows.common import artifact_key
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
+from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.model_store import latest_model, load_card
 from hcsseg.pipeline.orchestration import check_remote_run, gpu_slot, submit_gpu_work
 from hcsseg.report import training_report
@@ -135,6 +136,13 @@ def virtual_stain_plate(
             (PLATE: the plate folder's name).
         wells: Wells to train on and predict into (e.g. ``["B02"]``); default every well.
     """
+    with plate_write_lock(plate_url, "virtual-stain"):  # it appends a channel to every field
+        return _virtual_stain(plate_url, config, output, wells)
+
+
+def _virtual_stain(
+    plate_url: str, config: VirtualStainConfig, output: str | None, wells: list[str] | None
+) -> dict[str, Any]:
     logger = get_run_logger()
     output_root = str(ProcessConfig(output=output).output_root(plate_url))
     plan = plan_virtual_stain(plate_url, config, output_root=output_root, wells=wells)

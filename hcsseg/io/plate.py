@@ -6,6 +6,9 @@ channels of one field image, so plates of any size stream through a fixed memory
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,9 @@ from hcsseg.errors import ChannelNotFoundError, HcssegError, PlateFormatError
 NgffVersion = Literal["0.4", "0.5"]
 # plate/row/well/field/labels/label/level: how far below a plate a user's path can be
 MAX_PLATE_DEPTH = 6
+# name suffixes (+ 8 hex digits) of a plate being built beside its final path, and of the
+# old plate while a replacement is swapped in (`plate_writer.staged_plate`)
+STAGED, BACKUP = ".tmp-", ".old-"
 
 
 @dataclass(frozen=True, order=True)
@@ -312,6 +318,13 @@ def open_plate(url: str | Path, *, mode: Literal["r", "r+"] = "r") -> Plate:
     path = Path(url)
     if not path.exists():
         raise PlateFormatError(f"no plate at {url}: path does not exist")
+    unfinished = re.search(rf"({re.escape(STAGED)}|{re.escape(BACKUP)})[0-9a-f]{{8}}$", path.name)
+    if unfinished:
+        final = path.with_name(path.name[: unfinished.start()])
+        raise PlateFormatError(
+            f"{url} is an unfinished copy of plate {final.name} left by an import that was "
+            f"killed or failed; run the import again (it cleans this up), then use {final}"
+        )
     group: zarr.Group | None = None
     attrs: dict[str, Any] = {}
     try:
@@ -334,3 +347,37 @@ def open_plate(url: str | Path, *, mode: Literal["r", "r+"] = "r") -> Plate:
         what = "an empty folder" if not any(path.iterdir()) else "a folder without zarr metadata"
         raise PlateFormatError(f"{url} is not an OME-Zarr HCS plate: {what}")
     return Plate(url, group)
+
+
+def _tree_stamp(folder: Path, digest: Any) -> None:
+    """Feed every file below `folder` (name, size, mtime) into `digest`; chunks are not read."""
+    stack = [root := folder]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except FileNotFoundError:
+            digest.update(f"missing:{os.path.relpath(current, root)}".encode())
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            else:
+                st = entry.stat()
+                name = os.path.relpath(entry.path, root)
+                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+def content_stamp(plate: Plate, ref: FieldRef, label: str | None = None) -> str:
+    """A stamp of one field's level-0 image (or `label` image): its metadata and the size
+    and modification time of each chunk file. A re-imported, replaced or re-stained field
+    gets a new stamp, so results computed from the old one are not taken for current."""
+    node = plate.image_group(ref) if label is None else plate.image_group(ref)[f"labels/{label}"]
+    assert isinstance(node, zarr.Group)
+    level = ome_attrs(node)["multiscales"][0]["datasets"][0]["path"]
+    digest = hashlib.sha256()
+    digest.update(json.dumps(ome_attrs(node), sort_keys=True, default=str).encode())
+    _tree_stamp(
+        Path(plate.url) / ref.path / ("" if label is None else f"labels/{label}") / level, digest
+    )
+    return digest.hexdigest()[:16]

@@ -8,6 +8,8 @@ chunk.
 
 from __future__ import annotations
 
+import glob
+import logging
 import math
 import os
 import shutil
@@ -22,7 +24,10 @@ import numpy as np
 import zarr
 
 from hcsseg.errors import HcssegError, InputDataError, PlateFormatError
-from hcsseg.io.plate import FieldRef, NgffVersion, Plate, ome_attrs, open_plate
+from hcsseg.io.plate import BACKUP, STAGED, FieldRef, NgffVersion, Plate, ome_attrs, open_plate
+from hcsseg.io.plate_lock import plate_write_lock
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COLORS = ["0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00", "FFFFFF"]
 CHUNK = 1024
@@ -234,24 +239,41 @@ def staged_plate(url: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     the new one into place, then deletes the backup.
     """
     final = Path(url).absolute()
-    check_destination(url, overwrite=overwrite)
-    token = uuid.uuid4().hex[:8]
-    staged = final.with_name(f"{final.name}.tmp-{token}")
-    backup = final.with_name(f"{final.name}.old-{token}")
-    try:
-        yield staged
-        check_destination(url, overwrite=overwrite)  # something may have appeared meanwhile
-        if final.exists():
-            os.replace(final, backup)
+    check_destination(url, overwrite=overwrite)  # refused input leaves not even a lock file
+    with plate_write_lock(final, "import"):
+        _recover_interrupted(final)
+        check_destination(url, overwrite=overwrite)
+        token = uuid.uuid4().hex[:8]
+        staged = final.with_name(f"{final.name}{STAGED}{token}")
+        backup = final.with_name(f"{final.name}{BACKUP}{token}")
         try:
-            os.replace(staged, final)
-        except OSError:
-            if backup.exists():
-                os.replace(backup, final)
-            raise
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    shutil.rmtree(backup, ignore_errors=True)
+            yield staged
+            check_destination(url, overwrite=overwrite)  # something may have appeared
+            if final.exists():
+                os.replace(final, backup)
+            try:
+                os.replace(staged, final)
+            except OSError:
+                if backup.exists():
+                    os.replace(backup, final)
+                raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _recover_interrupted(final: Path) -> None:
+    """Clear what a killed import left beside `final` (the caller holds the plate's lock, so
+    no live import owns it): half-built copies go; a backup whose swap was cut short between
+    its two renames is the only copy of the old plate, so it is put back."""
+    for leftover in sorted(final.parent.glob(f"{glob.escape(final.name)}.*-*")):
+        kind = leftover.name[len(final.name) :][:5]
+        if kind == BACKUP[:5] and not final.exists():
+            os.replace(leftover, final)
+            log.warning("restored plate %s from an interrupted replacement", final)
+        elif kind in (STAGED[:5], BACKUP[:5]):
+            shutil.rmtree(leftover, ignore_errors=True)
+            log.info("removed %s, left by an interrupted import", leftover)
 
 
 def create_plate(
@@ -330,7 +352,7 @@ def create_plate(
                     dims=["c", "y", "x"],
                     version=version,
                 )
-    return open_plate(path, mode="r+")
+    return Plate(path, zarr.open_group(str(path), mode="r+"))  # maybe staged: not open_plate
 
 
 def write_field_image(plate: Plate, ref: FieldRef, data: np.ndarray) -> None:

@@ -30,7 +30,8 @@ from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
-from hcsseg.io.plate import FieldRef, Plate, open_plate
+from hcsseg.io.plate import FieldRef, Plate, content_stamp, open_plate
+from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.measure.features import (
     channel_token,
     feature_columns,
@@ -245,31 +246,87 @@ def _marker_path(plan: PlatePlan, well: str) -> Path:
     return bookkeeping_dir(plan.output_root) / "done" / safe_name(plan.plate_name) / f"{well}.json"
 
 
-def well_is_done(plan: PlatePlan, well: str) -> bool:
-    """A well counts as done only if its marker (written last) matches this config."""
+def well_stamps(plate: Plate, well: str) -> dict[str, dict[str, str]]:
+    """What a well's results were computed from and wrote: each field's image stamp and the
+    stamps of the label images a run wrote there (those present)."""
+    images, labels = {}, {}
+    for ref in plate.fields(well):
+        images[ref.path] = content_stamp(plate, ref)
+        present = plate.label_names(ref)
+        for name in ("nuclei", "cells"):
+            if name in present:
+                labels[f"{ref.path}/labels/{name}"] = content_stamp(plate, ref, name)
+    return {"images": images, "labels": labels}
+
+
+def well_is_done(plan: PlatePlan, well: str, plate: Plate | None = None) -> bool:
+    """A well counts as done only if its marker (written last) matches this config, the
+    field images it was computed from, the labels it wrote and its tables still exist.
+
+    A plate re-imported or re-stained at the same path, or labels overwritten since, make
+    the well be redone rather than reported from stale tables."""
     path = _marker_path(plan, well)
     try:
         marker = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("config_hash") == plan.config_hash and all(
-        Path(t).exists() for t in marker.get("tables", [])
-    )
+    if marker.get("config_hash") != plan.config_hash:
+        return False
+    root = Path(plan.output_root)
+    if not all((root / t).exists() for t in marker.get("tables", [None])):
+        return False
+    try:
+        current = well_stamps(plate or open_plate(plan.plate_url), well)
+    except (KeyError, OSError, HcssegError):  # the well or a field is gone or unreadable
+        return False
+    return marker.get("stamps") == current
 
 
-def _mark_done(plan: PlatePlan, well: str, tables: list[str], run_id: str | None) -> None:
+def _mark_done(
+    plan: PlatePlan, well: str, tables: list[Path], stamps: dict, run_id: str | None
+) -> None:
     path = _marker_path(plan, well)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    # table paths relative to the tables folder: a run from another folder finds them
+    rel = [str(Path(t).absolute().relative_to(Path(plan.output_root).absolute())) for t in tables]
     tmp.write_text(
-        json.dumps({"config_hash": plan.config_hash, "tables": tables, "run_id": run_id or ""})
+        json.dumps(
+            {
+                "config_hash": plan.config_hash,
+                "tables": rel,
+                "stamps": stamps,
+                "run_id": run_id or "",
+            }
+        )
     )
     os.replace(tmp, path)
 
 
+def forget_vanished_wells(plan: PlatePlan, plate: Plate) -> list[str]:
+    """Drop tables and markers of wells the plate no longer has (it was replaced), so the
+    tables never report wells that do not exist."""
+    present = set(plate.wells())
+    gone = set()
+    for kind in ("cells", "image_qc"):
+        folder = Path(plan.output_root) / kind / safe_name(plan.plate_name)
+        for table in folder.glob("*.parquet") if folder.is_dir() else []:
+            if table.stem not in present:
+                table.unlink()
+                gone.add(table.stem)
+    done = _marker_path(plan, "x").parent
+    for marker in done.glob("*.json") if done.is_dir() else []:
+        if marker.stem not in present:
+            marker.unlink()
+            gone.add(marker.stem)
+    return sorted(gone)
+
+
 @contextmanager
 def plate_lock(plan: PlatePlan) -> Iterator[None]:
-    """One run per plate at a time, refused at once if another run holds the plate.
+    """One run per plate at a time, refused at once if another run holds the plate: the
+    plate's own write lock (`plate_write_lock`, shared with every command that writes to it)
+    and one on its tables folder (two plates of one name may share one).
 
     `filelock` takes an OS lock (flock, or msvcrt on Windows) that dies with its holder, so a
     killed run never blocks the next one.  It owns the lock file, so who holds it goes in a
@@ -279,24 +336,25 @@ def plate_lock(plan: PlatePlan) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     name = safe_name(plan.plate_name)
     lock, holder = FileLock(folder / f"{name}.lock"), folder / f"{name}.holder"
-    try:
-        lock.acquire(timeout=0)
-    except Timeout as exc:
+    with plate_write_lock(plan.plate_url, "process"):
         try:
-            who = holder.read_text().strip()
-        except OSError:
-            who = "another process"
-        raise HcssegError(
-            f"plate {plan.plate_name} is being processed by another run ({who}); "
-            "wait for it to finish or stop it first"
-        ) from exc
-    try:
-        since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
-        yield
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
+            lock.acquire(timeout=0)
+        except Timeout as exc:
+            try:
+                who = holder.read_text().strip()
+            except OSError:
+                who = "another process"
+            raise HcssegError(
+                f"plate {plan.plate_name} is being processed by another run ({who}); "
+                "wait for it to finish or stop it first"
+            ) from exc
+        try:
+            since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
 
 
 def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) -> None:
@@ -541,7 +599,7 @@ def process_well(
             metadata=file_meta,
         ),
     ]
-    _mark_done(plan, well, [str(p) for p in paths], run_id)
+    _mark_done(plan, well, paths, well_stamps(plate, well), run_id)
     return WellResult(
         well=well,
         n_fields=len(refs),
