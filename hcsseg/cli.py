@@ -56,6 +56,21 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+class _TerminalFormatter(logging.Formatter):
+    """One line per record; tracebacks only with --debug (a full disk once printed 416
+    lines, one traceback per well, for one cause)."""
+
+    def __init__(self, *, tracebacks: bool) -> None:
+        super().__init__("%(levelname)s %(message)s")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.tracebacks:
+            return super().format(record)
+        message = " ".join(part.strip() for part in record.getMessage().splitlines())
+        return f"{record.levelname} {message}"
+
+
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for item in values or []:
@@ -77,7 +92,10 @@ def main(
     # still reaches the Prefect UI through Prefect's API handler.
     terminal = logging.StreamHandler()
     terminal.setLevel(logging.INFO if verbose else logging.WARNING)
-    terminal.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    terminal.setFormatter(_TerminalFormatter(tracebacks=debug))
+    if not (verbose or debug):
+        # a failed task or flow is reported once, by the command's own one-line error
+        terminal.addFilter(lambda record: not record.name.startswith("prefect"))
     logging.basicConfig(level=logging.INFO, handlers=[terminal])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Prefect API call
 
@@ -550,11 +568,14 @@ def models(
 ) -> None:
     """List stored models: kind, plate, channels, steps and the model each was fine-tuned
     from, every fine-tuned model indented under its parent."""
-    from hcsseg.model_store import list_models, parent_id
+    from hcsseg.model_store import parent_id, scan_store
 
     if not store.is_dir():
         _fail(HcssegError(f"model store {store} does not exist or is not a folder"))
-    cards = list_models(store)
+    cards, damaged = scan_store(store)
+    # a damaged card is a model missing from the listing: say so, one line each
+    for path, why in damaged:
+        typer.secho(f"damaged model card {path}: {why}", fg=typer.colors.YELLOW, err=True)
     if not cards:
         typer.echo(f"no models in {store}")
         return
@@ -670,9 +691,34 @@ def demo(
     )
 
 
-def run() -> None:  # pragma: no cover - console entry point
-    app()
+def run() -> None:
+    """Console entry point: what no command caught (a full disk, a read-only mount, a bug)
+    is still one line and exit 2, never a traceback per well; `--debug` shows it whole."""
+    try:
+        app()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except OSError as exc:
+        if DEBUG["on"]:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.secho(
+            f"error: cannot use{where}: {exc.strerror or exc}; what was written before "
+            "is intact, re-run once the cause is fixed",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(2)
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        typer.secho(
+            f"error: {type(exc).__name__}: {_one_line(exc)} (re-run with --debug for details)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    run()

@@ -106,17 +106,22 @@ def model_dir(store: str | Path, model: str) -> Path:
     if not (path / CARD).exists():
         path = Path(store) / model
     if not (path / CARD).exists():
-        known = ", ".join(m["model_id"] for m in list_models(store)) or "none"
-        raise ModelError(f"no model {model!r} in model store {store} (models: {known})")
+        cards, damaged = scan_store(store)
+        known = ", ".join(c["model_id"] for c in cards) or "none"
+        bad = f"; damaged cards: {', '.join(str(p) for p, _ in damaged)}" if damaged else ""
+        raise ModelError(f"no model {model!r} in model store {store} (models: {known}{bad})")
     return path
 
 
 def load_card(store: str | Path, model: str) -> dict[str, Any]:
     path = model_dir(store, model) / CARD
     try:
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
     except ValueError as exc:
         raise ModelError(f"model card {path} is not valid JSON: {exc}") from exc
+    if not isinstance(card, dict):
+        raise ModelError(f"model card {path} is not a JSON object")
+    return card
 
 
 def load_model(store: str | Path, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,38 +135,70 @@ def load_model(store: str | Path, model: str) -> tuple[dict[str, torch.Tensor], 
     return state, card
 
 
-def list_models(store: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Cards of all complete models, oldest first; a damaged card is skipped with a warning
-    naming its file (a model that silently vanished from the listing would be retrained or,
-    worse, a stale one picked in its place)."""
+def scan_store(store: str | Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """Cards of the complete models in `store`, oldest first, and (card file, why) for each
+    damaged card: a listing must show those, since their models are missing from it."""
+    cards: list[dict[str, Any]] = []
+    damaged: list[tuple[Path, str]] = []
     root = Path(store)
-    cards = []
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            if folder.name.startswith(".") or not (folder / CARD).exists():
-                continue
-            try:
-                card = json.loads((folder / CARD).read_text())
-            except ValueError as exc:
-                log.warning("model card %s is not valid JSON, skipped: %s", folder / CARD, exc)
-                continue
-            if not isinstance(card, dict):
-                log.warning("model card %s is not a JSON object, skipped", folder / CARD)
-                continue
-            if kind is None or card.get("kind") == kind:
-                cards.append(card)
-    return sorted(cards, key=lambda c: c.get("created", ""))
+    if not root.is_dir():
+        return cards, damaged
+    for folder in sorted(root.iterdir()):
+        path = folder / CARD
+        if folder.name.startswith(".") or not path.exists():
+            continue
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            damaged.append((path, f"not valid JSON: {exc}"))
+            continue
+        if not isinstance(card, dict):
+            damaged.append((path, "not a JSON object"))
+        elif not isinstance(card.get("model_id"), str):
+            damaged.append((path, "has no model_id"))
+        else:
+            cards.append(card)
+    return sorted(cards, key=lambda c: c.get("created", "")), damaged
+
+
+def _damaged_error(store: str | Path, damaged: list[tuple[Path, str]]) -> ModelError:
+    path, why = damaged[0]
+    more = f" (and {len(damaged) - 1} more damaged card(s))" if len(damaged) > 1 else ""
+    return ModelError(
+        f"model card {path} is {why}{more}; no model is chosen from {store} while the "
+        f"damaged one may be it: repair the card or move {path.parent} out of the store"
+    )
+
+
+def list_models(
+    store: str | Path, kind: str | None = None, *, strict: bool = False
+) -> list[dict[str, Any]]:
+    """Cards of all complete models, oldest first.
+
+    A damaged card is skipped with a warning naming its file (see `scan_store`); with
+    `strict` it is a ModelError instead: whoever picks a model from the listing would
+    otherwise silently get an older one in place of the damaged, possibly newest, model."""
+    cards, damaged = scan_store(store)
+    if damaged and strict:
+        raise _damaged_error(store, damaged)
+    for path, why in damaged:
+        log.warning("model card %s is %s, skipped", path, why)
+    return [c for c in cards if kind is None or c.get("kind") == kind]
 
 
 def latest_model(store: str | Path, kind: str, *, plate: str | None = None) -> str | None:
-    cards = [c for c in list_models(store, kind) if plate is None or c.get("plate") == plate]
+    """Newest model of `kind` (for `plate`); a damaged card in the store is a ModelError."""
+    cards = [
+        c for c in list_models(store, kind, strict=True) if plate is None or c.get("plate") == plate
+    ]
     return cards[-1]["model_id"] if cards else None
 
 
 def find_model(store: str | Path, *, request_id: str) -> str | None:
     """The latest model whose card carries `request_id`: how a caller that handed training to
-    another process (a GPU deployment) finds the model it asked for."""
-    cards = [c for c in list_models(store) if c.get("request_id") == request_id]
+    another process (a GPU deployment) finds the model it asked for. A damaged card in the
+    store is a ModelError (it may be that model)."""
+    cards = [c for c in list_models(store, strict=True) if c.get("request_id") == request_id]
     return cards[-1]["model_id"] if cards else None
 
 

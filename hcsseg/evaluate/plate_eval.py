@@ -52,9 +52,11 @@ def evaluate_plate(
             f"{pred!r} labels (run `hcsseg process` first)"
         )
 
+    from hcsseg.learning.data import read_truth_labels  # imports torch
+
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for ref in refs:
-            yield plate.read_labels(ref, pred), plate.read_labels(ref, truth)
+        for ref in refs:  # a stack of planes or a damaged chunk is refused, never cut
+            yield plate.read_labels(ref, pred), read_truth_labels(plate, ref, truth)
 
     table = evaluate_images(pairs(), [r.path for r in refs])
     meta = pd.DataFrame(

@@ -30,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hcsseg.errors import HcssegError
+
 TableKind = Literal["cells", "image_qc", "markers", "virtual_stain_qc"]
 
 
@@ -71,6 +73,11 @@ def write_parquet(df: pd.DataFrame, path: Path, *, metadata: Mapping[str, Any]) 
     try:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, path)
+    except OSError as exc:  # full disk, read-only mount: name the table, keep the old one
+        detail = " ".join(str(exc).split())[:200]
+        raise HcssegError(
+            f"cannot write table {path} ({detail}); the previous file is intact"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

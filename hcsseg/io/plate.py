@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from hcsseg.errors import ChannelNotFoundError, HcssegError, PlateFormatError
+from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, PlateFormatError
 
 NgffVersion = Literal["0.4", "0.5"]
 # plate/row/well/field/labels/label/level: how far below a plate a user's path can be
@@ -89,6 +90,13 @@ class Plate:
         for key in ("rows", "columns", "wells"):
             if key not in self.meta:
                 raise PlateFormatError(f"plate {self.name}: metadata lacks '{key}'")
+        for well in self.meta["wells"]:
+            path = well.get("path") if isinstance(well, dict) else None
+            if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z0-9]+/[A-Za-z0-9]+", path):
+                raise PlateFormatError(
+                    f"plate {self.name}: well entry {well!r} in the plate metadata has no "
+                    "'path' of the form ROW/COLUMN (e.g. 'B/03')"
+                )
 
     # ---- layout -----------------------------------------------------------------
     @property
@@ -193,9 +201,23 @@ class Plate:
         return self.scale(ref, level)[x] * factor
 
     def array(self, ref: FieldRef, level: int = 0) -> zarr.Array:
-        path = self.level_paths(ref)[level]
-        node = self.image_group(ref)[path]
-        assert isinstance(node, zarr.Array)
+        paths = self.level_paths(ref)
+        where = f"plate {self.name} field {ref.path} (well {ref.well})"
+        if level >= len(paths):
+            raise PlateFormatError(f"{where}: no resolution level {level} in its multiscales")
+        try:
+            node = self.image_group(ref)[paths[level]]
+        except KeyError:
+            raise PlateFormatError(
+                f"{where}: image array {paths[level]!r} listed in its multiscales is missing"
+            ) from None
+        except Exception as exc:  # damaged array metadata: zarr raises several types
+            raise PlateFormatError(
+                f"{where}: image array {paths[level]!r} has unreadable metadata "
+                f"({type(exc).__name__}: {str(exc)[:160]})"
+            ) from None
+        if not isinstance(node, zarr.Array):
+            raise PlateFormatError(f"{where}: {paths[level]!r} is a group, not an image array")
         return node
 
     def channel_index(self, ref: FieldRef, names: Sequence[str]) -> list[int]:
@@ -217,13 +239,14 @@ class Plate:
         axes = self.axes(ref)
         c_axis = axes.index("c")
         out = []
-        for i in idx:
+        for name, i in zip(names, idx, strict=True):
             sel: list[Any] = [0] * arr.ndim
             for k, a in enumerate(axes):
                 if a in ("y", "x"):
                     sel[k] = slice(None)
             sel[c_axis] = i
-            out.append(np.asarray(arr[tuple(sel)]))
+            where = f"plate {self.name} field {ref.path} (well {ref.well}) channel {name!r}"
+            out.append(_read_chunks(arr, tuple(sel), where))
         return np.stack(out) if out else np.empty((0, *arr.shape[-2:]), dtype=arr.dtype)
 
     def read_xarray(self, ref: FieldRef, names: Sequence[str], *, level: int = 0) -> xr.DataArray:
@@ -274,13 +297,39 @@ class Plate:
                 f"plate {self.name} field {ref.path} (well {ref.well}): no label image "
                 f"{name!r}; labels present: {', '.join(names) or '(none)'}"
             )
-        label_group = self.image_group(ref)[f"labels/{name}"]
-        datasets = ome_attrs(label_group)["multiscales"][0]["datasets"]
-        arr = label_group[datasets[level]["path"]]
-        data = np.asarray(arr[...])
-        while data.ndim > 2:
+        where = f"plate {self.name} field {ref.path} (well {ref.well}) label image {name!r}"
+        try:
+            label_group = self.image_group(ref)[f"labels/{name}"]
+            datasets = ome_attrs(label_group)["multiscales"][0]["datasets"]
+            arr = label_group[datasets[level]["path"]]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise PlateFormatError(f"{where}: no level {level} array ({exc})") from None
+        data = _read_chunks(arr, ..., where)
+        full = data.shape
+        while data.ndim > 2 and data.shape[0] == 1:  # singleton t/c/z
             data = data[0]
+        if data.ndim != 2:
+            # cutting to the first plane once scored two overlapping annotations AP 1.000
+            raise InputDataError(
+                f"{where} has shape {full}; expected one (Y, X) plane (leading axes of size 1 "
+                "allowed), not a stack of planes"
+            )
         return data
+
+
+def _read_chunks(arr: zarr.Array, selection: Any, where: str) -> np.ndarray:
+    """Pixels of `arr`, with a damaged or missing chunk named by field and channel (the codec
+    alone says only `Zstd decompression error`)."""
+    try:
+        return np.asarray(arr[selection])
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # codecs and stores raise many types for a damaged chunk
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise PlateFormatError(
+            f"{where}: cannot read its pixels ({type(exc).__name__}: {detail}); a chunk file "
+            f"under {arr.store_path} is damaged or unreadable"
+        ) from None
 
 
 def _part_kind(attrs: dict[str, Any]) -> str:
@@ -381,3 +430,22 @@ def content_stamp(plate: Plate, ref: FieldRef, label: str | None = None) -> str:
         Path(plate.url) / ref.path / ("" if label is None else f"labels/{label}") / level, digest
     )
     return digest.hexdigest()[:16]
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse at once a folder that cannot take writes (read-only mount, permissions, full
+    disk): a probe file is made and removed, since `os.access` says yes to root on a
+    read-only mount. A folder not made yet is probed at its nearest existing parent."""
+    target = Path(path).absolute()
+    probe_dir = next((p for p in (target, *target.parents) if p.exists()), target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".hcsseg-probe-", dir=probe_dir)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        raise HcssegError(
+            f"{what} {target} cannot be written ({exc.strerror or exc}); nothing was changed"
+        ) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from skimage.segmentation import relabel_sequential
 
 from hcsseg.errors import InputDataError
 from hcsseg.segment.scale import resize
+
+if TYPE_CHECKING:
+    from hcsseg.io.plate import FieldRef, Plate
 
 
 def as_channels_first(image: np.ndarray, *, name: str = "image") -> np.ndarray:
@@ -85,6 +89,16 @@ def validate_labels(
         raise InputDataError(f"{name} has shape {arr.shape}; the image has shape {tuple(shape)}")
     out, _, _ = relabel_sequential(arr)
     return out.astype(np.uint32)
+
+
+def read_truth_labels(
+    plate: Plate, ref: FieldRef, name: str, *, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Ground truth stored in a plate (evaluation, quality gate, training targets) as
+    validated uint32 (Y, X) labels: exactly one integer plane, of the field's shape."""
+    arr = plate.read_labels(ref, name)
+    label = f"plate {plate.name} field {ref.path} ground-truth labels {name!r}"
+    return validate_labels(arr, name=label, shape=shape or plate.field_shape(ref))
 
 
 def _flatten_stack(stack: np.ndarray, name: str) -> np.ndarray:

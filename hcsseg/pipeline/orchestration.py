@@ -10,20 +10,33 @@ functions that need them, so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import fnmatch
+import functools
 import importlib
+import json
 import logging
 import math
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError, PlateFormatError
@@ -47,6 +60,29 @@ GPU_DEPLOYMENT_ENV = "HCSSEG_GPU_DEPLOYMENT"
 STATUS_DIR = ".hcsseg/runs"  # under stages.LEDGER_DIR, with the stage and well markers
 SERVER_TIMEOUT_ENV = "HCSSEG_SERVER_STARTUP_TIMEOUT"
 SERVER_TIMEOUT_DEFAULT = 600.0
+SERVER_REGISTRY_ENV = "HCSSEG_SERVER_REGISTRY"
+SERVER_APP = "prefect.server.api.server:create_app"  # in the embedded server's command line
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CLUSTER_CLASSES_ENV = "HCSSEG_ALLOWED_CLUSTER_CLASSES"
+KNOWN_CLUSTER_CLASSES = (
+    "distributed.LocalCluster",
+    *(
+        f"dask_jobqueue.{name}"
+        for name in (
+            "SLURMCluster",
+            "PBSCluster",
+            "SGECluster",
+            "LSFCluster",
+            "HTCondorCluster",
+            "OARCluster",
+            "MoabCluster",
+        )
+    ),
+    "dask_kubernetes.operator.KubeCluster",
+)
+"""Cluster classes a run parameter may name; the operator adds more in $CLUSTER_CLASSES_ENV."""
+CLUSTER_MODULES = ("distributed", "dask_jobqueue", "dask_kubernetes", "dask_kubernetes.operator")
+"""Trusted packages: another `distributed.deploy.Cluster` subclass they export is allowed too."""
 
 PlateState = Literal["submitted", "completed", "failed"]
 
@@ -72,13 +108,24 @@ class TaskRunnerConfig(BaseModel):
         None, description="existing Dask scheduler, e.g. tcp://scheduler:8786"
     )
     cluster_class: str | None = Field(
-        None, description="import path of a Dask cluster class, e.g. dask_jobqueue.SLURMCluster"
+        None,
+        description="import path of a Dask cluster class, e.g. dask_jobqueue.SLURMCluster; "
+        "only known ones and those listed in $HCSSEG_ALLOWED_CLUSTER_CLASSES on the worker",
     )
     cluster_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for the cluster class"
     )
     adapt_minimum: int | None = Field(None, ge=0, description="adaptive scaling: fewest workers")
     adapt_maximum: int | None = Field(None, ge=1, description="adaptive scaling: most workers")
+
+    @field_validator("cluster_class")
+    @classmethod
+    def _allowed_cluster(cls, value: str | None) -> str | None:
+        """Refuse before anything is imported: a parameter naming e.g. `subprocess.Popen`
+        would otherwise run a command on the worker."""
+        if value is not None:
+            check_cluster_class(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskRunnerConfig:
@@ -161,12 +208,43 @@ class PlateCandidate(BaseModel):
     status: PlateStatus | None = None
 
 
+def registered_cluster_classes(env: Mapping[str, str] | None = None) -> set[str]:
+    """Import paths the operator allows in ``$HCSSEG_ALLOWED_CLUSTER_CLASSES`` (comma-separated),
+    read from the worker's environment, never from a run parameter."""
+    raw = (os.environ if env is None else env).get(CLUSTER_CLASSES_ENV, "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def check_cluster_class(path: str) -> None:
+    """Raise ValueError unless `path` is a known Dask cluster class, one in a trusted cluster
+    package, or one the operator registered; no module is imported here."""
+    module, _, name = path.rpartition(".")
+    if (
+        path in KNOWN_CLUSTER_CLASSES
+        or path in registered_cluster_classes()
+        or (module in CLUSTER_MODULES and name.isidentifier() and not name.startswith("_"))
+    ):
+        return
+    raise ValueError(
+        f"cluster_class {path!r} is not an allowed Dask cluster class; allowed: "
+        f"{', '.join(KNOWN_CLUSTER_CLASSES)} (or another Cluster class of "
+        f"{', '.join(CLUSTER_MODULES[:3])}), plus import paths the operator lists in "
+        f"${CLUSTER_CLASSES_ENV} on the worker"
+    )
+
+
 def _import_attr(path: str) -> Any:
+    """The allowed cluster class at `path` (checked again: `model_construct` skips validators);
+    a class that is not registered by the operator must subclass `distributed` Cluster."""
+    try:
+        check_cluster_class(path)
+    except ValueError as exc:
+        raise HcssegError(str(exc)) from None
     module, _, name = path.rpartition(".")
     if not module:
         raise HcssegError(f"cluster_class {path!r} must be a full import path, e.g. module.Class")
     try:
-        return getattr(importlib.import_module(module), name)
+        found = getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as exc:
         raise HcssegError(
             f"cluster_class {path!r}: module {exc.name!r} is not installed "
@@ -174,6 +252,12 @@ def _import_attr(path: str) -> Any:
         ) from exc
     except AttributeError as exc:
         raise HcssegError(f"cluster_class {path!r}: {module} has no {name!r}") from exc
+    if path not in registered_cluster_classes():
+        from distributed.deploy import Cluster
+
+        if not (isinstance(found, type) and issubclass(found, Cluster)):
+            raise HcssegError(f"cluster_class {path!r} is not a Dask cluster class")
+    return found
 
 
 def build_task_runner(config: TaskRunnerConfig | None = None) -> TaskRunner:
@@ -240,6 +324,229 @@ def task_runner_from_env(
     return build_task_runner(task_runner_config_from_env(env) or default)
 
 
+# ---------------------------------------------------------------- embedded Prefect server
+
+
+def server_registry_dir() -> Path:
+    """Per-user folder with one JSON entry per embedded server this user's commands started
+    (``$HCSSEG_SERVER_REGISTRY``, else ``$XDG_RUNTIME_DIR/hcsseg-servers``, else
+    ``<tmp>/hcsseg-servers-<uid>``): how a later command finds servers a killed one left."""
+    override = os.environ.get(SERVER_REGISTRY_ENV, "").strip()
+    if override:
+        return Path(override)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "hcsseg-servers"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"hcsseg-servers-{uid}"
+
+
+def _registry() -> Path | None:
+    """The registry folder, made private; None (no registry) when it is not this user's own:
+    entries in a folder others can write would let them pick processes for us to signal."""
+    folder = server_registry_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError as exc:
+        log.warning("server registry %s unusable: %s", folder, exc)
+        return None
+    if not folder.is_dir() or folder.is_symlink():
+        log.warning("server registry %s is not a folder; not used", folder)
+        return None
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        log.warning("server registry %s is not private to this user; not used", folder)
+        return None
+    return folder
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process from /proc; None where unavailable."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw.rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, start: int | None = None) -> bool:
+    """Whether `pid` runs (a zombie does not) and, given its start time, is still the same
+    process rather than a later one that reused the id."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] != "Z" and (start is None or stat[1] == start)
+
+
+def _is_prefect_server(pid: int) -> bool:
+    """Whether /proc shows `pid` running the embedded server's uvicorn command; False where
+    that cannot be checked, so nothing else is ever signalled."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"uvicorn" in args and SERVER_APP.encode() in args
+
+
+def _register_server(server_pid: int, port: int | None) -> Path | None:
+    """Record a started server with its owner (this process); None without a registry."""
+    folder = _registry()
+    if folder is None:
+        return None
+    server, owner = _proc_stat(server_pid), _proc_stat(os.getpid())
+    entry = {
+        "server_pid": server_pid,
+        "server_start": server[1] if server else None,
+        "owner_pid": os.getpid(),
+        "owner_start": owner[1] if owner else None,
+        "port": port,
+        "created": utc_now(),
+    }
+    path = folder / f"{server_pid}.json"
+    tmp = folder / f".{server_pid}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record embedded server %d in %s: %s", server_pid, folder, exc)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _terminate_process(pid: int, start: int | None, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _process_alive(pid, start):
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+
+def reap_orphan_servers(*, grace: float = 5.0) -> list[int]:
+    """Stop embedded servers whose command died without stopping them (kill -9, OOM) and
+    drop stale registry entries; returns the pids stopped.
+
+    A server is only signalled when its owner is gone, it is still the process recorded
+    (same start time) and its command line is the Prefect server's.
+    """
+    folder = _registry()
+    if folder is None:
+        return []
+    stopped = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+            server, owner = int(entry["server_pid"]), int(entry["owner_pid"])
+            server_start, owner_start = entry.get("server_start"), entry.get("owner_start")
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            continue
+        server_alive = _process_alive(server, server_start)
+        if server_alive and _process_alive(owner, owner_start):
+            continue  # a running command's own server
+        if server_alive and _is_prefect_server(server):
+            log.warning("stopping embedded Prefect server %d left by dead %d", server, owner)
+            _terminate_process(server, server_start, grace)
+            stopped.append(server)
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` asking Linux to SIGTERM the child when this process dies (even by
+    kill -9); None elsewhere. Linux sends it when the *thread* that started the child ends,
+    so start the server from a thread that lives as long as it is needed (the main one)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, sig = os.getpid(), int(signal.SIGTERM)
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+@functools.cache
+def _owned_server_class() -> type[Any]:
+    """`SubprocessASGIServer` whose server dies with its owner and is registered while it
+    runs (built on first use: importing prefect.server is slow)."""
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class OwnedSubprocessASGIServer(SubprocessASGIServer):
+        # its own instance table: the parent's could hand back a plain server for port None
+        _instances: ClassVar[dict[int | None, SubprocessASGIServer]] = {}
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            """Prefect 3.8's command and environment, plus the parent-death signal."""
+            self._forget()
+            server_env = {
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            }
+            process = subprocess.Popen(
+                args=[
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    str(prefect.__module_path__.parent),
+                    "--factory",
+                    SERVER_APP,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env={
+                    **os.environ,
+                    **server_env,
+                    **get_current_settings().to_environment_variables(exclude_unset=True),
+                },
+                preexec_fn=_parent_death_signal(),
+            )
+            self._entry = _register_server(process.pid, self.port)
+            return process
+
+        def _forget(self) -> None:
+            entry: Path | None = getattr(self, "_entry", None)
+            if entry is not None:
+                entry.unlink(missing_ok=True)
+            self._entry = None
+
+        def stop(self) -> None:
+            super().stop()
+            self._forget()
+
+    return OwnedSubprocessASGIServer
+
+
 @contextlib.contextmanager
 def prefect_api(timeout: float | None = None) -> Iterator[str]:
     """A Prefect API for one command: the configured server, else an embedded one started
@@ -248,7 +555,9 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
     Prefect would start its own on first use with a 20 s budget, and again in every process
     that lacks the address; on a loaded machine that fails before any work begins. The
     budget here is generous ($HCSSEG_SERVER_STARTUP_TIMEOUT, default 600 s), a failure is
-    one clear error, and SIGTERM stops the server instead of orphaning it.
+    one clear error, and SIGTERM stops the server instead of orphaning it. On Linux the
+    server also gets SIGTERM when this process dies uncleanly (kill -9), and servers that
+    an earlier command left anyway are stopped here first (`reap_orphan_servers`).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -256,12 +565,14 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
     if configured:
         yield str(configured)
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
     budget = timeout or float(os.environ.get(SERVER_TIMEOUT_ENV, SERVER_TIMEOUT_DEFAULT))
     # a laptop's server has no business phoning home (and logs an ERROR when it cannot)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = SubprocessASGIServer()
+    try:
+        reap_orphan_servers()
+    except Exception as exc:  # cleanup of others' leftovers must never block this command
+        log.warning("could not check for orphaned embedded servers: %s", exc)
+    server = _owned_server_class()()
     try:
         server.start(timeout=max(1, math.ceil(budget)))
     except RuntimeError as exc:

@@ -239,7 +239,7 @@ def compatible_model(store: str | Path, config: TrainConfig, *, plate: str) -> s
     `config.options` that differs from it; None when there is none."""
     cards = [
         c
-        for c in list_models(store, config.kind())
+        for c in list_models(store, config.kind(), strict=True)
         if c.get("plate") != plate
         and c.get("input_channels") == config.input_channels
         and not _architecture_conflicts(c, config)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hcsseg.errors import ChannelNotFoundError, InputDataError, ModelError
 from hcsseg.export.tables import write_well_table
-from hcsseg.io.plate import FieldRef, Plate, open_plate
+from hcsseg.io.plate import FieldRef, Plate, check_writable, open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import marker_qc
@@ -129,6 +129,8 @@ def plan_virtual_stain(
             f"plate {plate.name}: no field holds the target channel {target!r}, so there is "
             "nothing to learn from; pass model_id of a model trained on another plate"
         )
+    check_writable(plate_url, f"plate {plate.name} (the virtual channel goes there):")
+    check_writable(output_root, "tables folder")
     return VirtualStainPlan(
         plate_url=str(plate_url),
         plate_name=plate.name,
