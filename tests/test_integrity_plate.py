@@ -227,3 +227,22 @@ def test_the_lock_is_reentrant_in_one_process_and_dies_with_its_holder(tmp_path:
     holder.wait()
     with plate_write_lock(url, "process"):  # a killed holder never blocks the next run
         pass
+
+
+# ------------------------------------------------------------- 9: the server and the docs
+
+
+def test_docs_never_open_the_server_to_the_network_without_authentication() -> None:
+    docs = [*(REPO / "docs").rglob("*.md"), REPO / "README.md", *(REPO / "infra").rglob("*")]
+    for path in (p for p in docs if p.is_file()):
+        lines = path.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if "--host 0.0.0.0" in line and not line.startswith("Never"):
+                around = " ".join(lines[max(0, i - 2) : i + 2])
+                assert "AUTH_STRING" in around, f"{path}:{i + 1}: {line.strip()}"
+            if "4200:4200" in line and line.strip().startswith('- "'):  # compose ports
+                assert "127.0.0.1:4200:4200" in line, f"{path}:{i + 1}: {line.strip()}"
+    ops = (REPO / "docs" / "operations.md").read_text()
+    safe = ops[ops.index("## What is safe") :]
+    for topic in ("lock the plate", "re-run redoes", "killed import"):
+        assert topic in safe, topic
