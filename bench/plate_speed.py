@@ -1,0 +1,305 @@
+"""Plate-scale speed and memory of the classical path: `hcsseg process` against a plain
+loop over the same library calls, in the same run.
+
+Plates of 6, 24 and 96 wells (2 fields each, 512²) and one of 2160² fields are built from
+the real CellProfiler example field of ../shared/data (DNA + cell stain; each field a
+different flip/rotation/tile of it). For each plate:
+
+* per-stage ms per field (read, nuclei, cells, features, image QC, labels) from a loop
+  over the library functions in this process;
+* the plain loop (`plan_plate` → `process_well` per well → `finalize_plate`) in a child
+  process, and `hcsseg process` (embedded Prefect server included) in a child process:
+  wall, CPU of the whole process tree, peak RSS of the tree (sampled every 0.1 s), the
+  ratio CLI / plain loop;
+* `--workers 2` on the 24-well plate against `--workers 1`.
+
+The 384-well x 9-field x 2160² plate on 16 cores is extrapolated from the CPU seconds
+per 2160² field. One torch/BLAS thread per process; the load average is recorded.
+
+    python bench/plate_speed.py            # ~15-25 min on 2 cores
+    python bench/plate_speed.py --quick    # smoke version (CI)
+
+Writes bench/results/plate_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("HCSSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+RESULTS = Path(os.environ.get("HCSSEG_BENCH_RESULTS", REPO / "bench" / "results"))
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+ENV = {**os.environ, **THREADS, "PYTHONPATH": str(REPO)}
+FIELD_SIZES = {"512": 512, "2160": 2160}
+
+
+def source_field() -> np.ndarray:
+    """(2, 512, 512) uint8: Hoechst and the cell-body stain of CellProfiler's ExampleHuman."""
+    import tifffile
+
+    folder = DATA / "cellprofiler-human"
+    planes = [tifffile.imread(next(folder.glob(f"*d{c}.tif"))) for c in (0, 2)]
+    return np.stack(planes)
+
+
+def variant(base: np.ndarray, k: int, size: int) -> np.ndarray:
+    """The k-th field: one of the 8 flips/rotations, mirrored out to `size` px."""
+    field = np.rot90(base, k % 4, axes=(1, 2))
+    if (k // 4) % 2:
+        field = field[:, :, ::-1]
+    reps = -(-size // field.shape[1])
+    tiled = np.concatenate(
+        [
+            np.concatenate([field if (i + j) % 2 == 0 else field[:, ::-1] for j in range(reps)], 2)
+            for i in range(reps)
+        ],
+        1,
+    )
+    return np.ascontiguousarray(tiled[:, :size, :size])
+
+
+def build_plate(out: Path, n_wells: int, fields: int, size: int) -> str:
+    from hcsseg.io.plate_writer import row_name
+    from hcsseg.io.tiff_import import plate_from_arrays
+
+    base = source_field()
+    wells = [(row_name(1 + i // 12), 1 + i % 12) for i in range(n_wells)]
+    items = [
+        (w, variant(base, i * fields + f, size)) for i, w in enumerate(wells) for f in range(fields)
+    ]
+    plate_from_arrays(
+        out,
+        name=out.stem,
+        fields=items,
+        channels=["DNA", "Cyto"],
+        pixel_size_um=0.65,
+        overwrite=True,
+    )
+    return str(out)
+
+
+# ------------------------------------------------------------------ measured in a child
+
+PLAIN = """
+import json, sys, time
+from hcsseg.config import ProcessConfig
+from hcsseg.pipeline.wells import finalize_plate, plan_plate, plate_lock, process_well
+url, out = sys.argv[1], sys.argv[2]
+config = ProcessConfig(output=out)
+plan = plan_plate(url, config)
+with plate_lock(plan):
+    for well in plan.wells:
+        process_well(plan, well, config)
+    finalize_plate(plan)
+"""
+
+
+def measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall, CPU and peak RSS of `cmd` and all its descendants.
+
+    CPU: the growth of this process's RUSAGE_CHILDREN, which holds every descendant its
+    parent waited for (the CLI waits for its embedded server, worker processes too).
+    RSS: the tree's summed resident memory, sampled every 0.1 s."""
+    import resource
+
+    import psutil
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        root = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            rss = 0
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            for node in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rss += node.memory_info().rss
+            peak = max(peak, rss)
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:4]} failed: {log.read().decode()[-1500:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak / 2**20, 1)}
+
+
+def per_stage(plate_url: str, n: int) -> dict[str, float]:
+    """ms per field of each stage, the library calls `process_well` makes, in this process."""
+    from hcsseg.config import ProcessConfig
+    from hcsseg.io.labels import write_labels
+    from hcsseg.io.plate import open_plate
+    from hcsseg.measure.features import measure_objects
+    from hcsseg.measure.quality import image_quality
+    from hcsseg.pipeline.wells import segmentation_pixel_size
+    from hcsseg.segment.classical import segment_cells, segment_nuclei
+
+    plate = open_plate(plate_url, mode="r+")
+    config = ProcessConfig()
+    refs = list(plate.iter_fields())[:n]
+    acc: dict[str, float] = {}
+
+    def tick(key: str, t0: float) -> float:
+        acc[key] = acc.get(key, 0.0) + time.process_time() - t0
+        return time.process_time()
+
+    for ref in refs:
+        t = time.process_time()
+        dna, cyto = plate.read_channels(ref, ["DNA", "Cyto"])
+        t = tick("read", t)
+        px = segmentation_pixel_size(dna, plate.pixel_size_um(ref), config)
+        nuclei = segment_nuclei(dna, pixel_size_um=px)
+        t = tick("nuclei", t)
+        cells = segment_cells(nuclei, cyto, pixel_size_um=px)
+        t = tick("cells", t)
+        measure_objects(
+            nuclei,
+            cells,
+            {"DNA": dna, "Cyto": cyto},
+            pixel_size_um=px,
+            typical_diameter_px=config.typical_nucleus_um / px,
+        )
+        t = tick("features", t)
+        for image in (dna, cyto):
+            image_quality(image, saturation_value=255.0)
+        t = tick("image_qc", t)
+        write_labels(plate, ref, "bench_nuclei", nuclei)
+        write_labels(plate, ref, "bench_cells", cells)
+        tick("labels", t)
+    return {k: round(1000 * v / len(refs), 1) for k, v in acc.items()}
+
+
+def field_bytes(size: int) -> int:
+    return 2 * size * size  # two uint8 channels at level 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if not (DATA / "cellprofiler-human").is_dir():
+        print(f"data not found: {DATA}; nothing to benchmark")
+        return 0
+    for k, v in THREADS.items():
+        os.environ[k] = v
+    import torch
+
+    torch.set_num_threads(1)
+    plates = [(6, 2, 512), (24, 2, 512), (96, 2, 512), (6, 1, 2160)]
+    if args.quick:
+        plates = [(2, 1, 512), (1, 1, 1024)]
+    result: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads_per_process": 1,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        },
+        "plates": [],
+    }
+    hcsseg = [sys.executable, "-m", "hcsseg.cli"]
+    with tempfile.TemporaryDirectory(prefix="hcsseg-speed-") as tmp:
+        for n_wells, fields, size in plates:
+            url = build_plate(Path(tmp) / f"w{n_wells}_{size}.zarr", n_wells, fields, size)
+            n_fields = n_wells * fields
+            rec: dict[str, Any] = {"wells": n_wells, "fields": n_fields, "size": size}
+            rec["stage_ms_per_field"] = per_stage(url, min(n_fields, 4))
+            rec["plain"] = measured([sys.executable, "-c", PLAIN, url, f"{tmp}/plain"], ENV)
+            cli = [*hcsseg, "process", url, "--output", f"{tmp}/cli", "--force"]
+            rec["cli_1"] = measured([*cli, "--workers", "1"], ENV)
+            if n_wells == 24 or args.quick:
+                rec["cli_2"] = measured([*cli, "--workers", "2"], ENV)
+            for key in ("plain", "cli_1", "cli_2"):
+                if key in rec:
+                    r = rec[key]
+                    r["fields_per_s_per_core"] = round(n_fields / max(r["cpu_s"], 1e-9), 3)
+                    r["rss_per_field_bytes"] = round(
+                        r["peak_rss_mb"] * 2**20 / field_bytes(size), 1
+                    )
+            rec["cli_over_plain_cpu"] = round(rec["cli_1"]["cpu_s"] / rec["plain"]["cpu_s"], 3)
+            if "cli_2" in rec:
+                rec["workers2_over_workers1_wall"] = round(
+                    rec["cli_2"]["wall_s"] / rec["cli_1"]["wall_s"], 3
+                )
+            result["plates"].append(rec)
+            print(json.dumps(rec))
+    big = [r for r in result["plates"] if r["size"] == 2160]
+    if big:
+        cpu_per_field = big[0]["plain"]["cpu_s"] / big[0]["fields"]
+        result["extrapolation_384x9_2160_16_cores_min"] = round(
+            384 * 9 * cpu_per_field / 16 / 60, 1
+        )
+        result["cpu_s_per_2160_field"] = round(cpu_per_field, 2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "plate_speed" + ("_quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# Plate speed: classical path, `hcsseg process` vs a plain loop",
+        "",
+        f"Run {m['date']}, {m['cpu']} x {m['cpu_count']} cores, one thread per process, load "
+        f"average at start {m['load_average_at_start']}. CPU = user + system of the whole "
+        "process tree (embedded Prefect server included for the CLI); RSS = peak of the "
+        "tree's summed resident memory.",
+        "",
+        "| plate | fields | stage ms/field (read / nuclei / cells / features / QC / labels) "
+        "| plain: wall s, CPU s, fields/s/core, peak RSS MB | CLI 1 worker: wall, CPU, "
+        "fields/s/core, RSS | CLI/plain CPU | CLI 2 workers wall (ratio) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in r["plates"]:
+        s = p["stage_ms_per_field"]
+        stages = " / ".join(
+            f"{s.get(k, 0):.0f}"
+            for k in ("read", "nuclei", "cells", "features", "image_qc", "labels")
+        )
+        a, c = p["plain"], p["cli_1"]
+        two = (
+            f"{p['cli_2']['wall_s']:.1f} ({p['workers2_over_workers1_wall']:.2f}x)"
+            if "cli_2" in p
+            else "–"
+        )
+        lines.append(
+            f"| {p['wells']} wells, {p['size']}² | {p['fields']} | {stages} | {a['wall_s']:.1f}, "
+            f"{a['cpu_s']:.1f}, {a['fields_per_s_per_core']:.2f}, {a['peak_rss_mb']:.0f} | "
+            f"{c['wall_s']:.1f}, {c['cpu_s']:.1f}, {c['fields_per_s_per_core']:.2f}, "
+            f"{c['peak_rss_mb']:.0f} | {p['cli_over_plain_cpu']:.2f} | {two} |"
+        )
+    if "extrapolation_384x9_2160_16_cores_min" in r:
+        lines += [
+            "",
+            f"384 wells x 9 fields of 2160² on 16 cores, from {r['cpu_s_per_2160_field']} CPU s "
+            f"per 2160² field (plain loop): **{r['extrapolation_384x9_2160_16_cores_min']} min** "
+            "(CPU only, classical).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
