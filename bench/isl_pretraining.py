@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from seg_common import DATA, environment, hash_order, load_pairs, score, setup, timed, write_result
 
-from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     segment_distance_unet,
     train_distance_unet,
 )
-from hcsseg.virtual_stain.model import VirtualStainOptions, train_virtual_stain
+from hcsseg.virtual_stain.model import train_virtual_stain
+from hcsseg.virtual_stain.options import VirtualStainOptions
 
 VS_STEPS, SEG_STEPS = 150, 200
 TRAIN_OPTS = TrainOptions(n_steps=SEG_STEPS, batch_size=4, crop_size=128, learning_rate=2e-3)

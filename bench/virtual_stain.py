@@ -45,15 +45,11 @@ from scipy import ndimage as ndi
 
 from hcsseg.evaluate.metrics import pearson_correlation
 from hcsseg.learning.data import normalize_percentile
-from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.options import TrainOptions
 from hcsseg.markers.detect import MarkerOptions, detect_markers
 from hcsseg.markers.qc import match_markers
-from hcsseg.virtual_stain.model import (
-    VIRTUAL_RANGE,
-    VirtualStainOptions,
-    predict_virtual_stain,
-    train_virtual_stain,
-)
+from hcsseg.virtual_stain.model import predict_virtual_stain, train_virtual_stain
+from hcsseg.virtual_stain.options import VIRTUAL_RANGE, VirtualStainOptions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,8 @@ from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import plate_from_arrays
 from hcsseg.markers.qc import marker_qc
-from hcsseg.virtual_stain.model import VIRTUAL_RANGE, VirtualStainOptions, to_storage
+from hcsseg.virtual_stain.model import to_storage
+from hcsseg.virtual_stain.options import VIRTUAL_RANGE, VirtualStainOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isl-phase-dapi"

@@ -21,7 +21,7 @@ from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.model_store import latest_model, load_card
 from hcsseg.pipeline.orchestration import check_remote_run, gpu_slot, submit_gpu_work
 from hcsseg.report import training_report
-from hcsseg.virtual_stain.model import KIND
+from hcsseg.virtual_stain.options import KIND
 from hcsseg.virtual_stain.plate import (
     VirtualStainConfig,
     VirtualStainPlan,

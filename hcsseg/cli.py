@@ -425,7 +425,7 @@ def _virtual_config(
     store: str | None,
     target_mode: str = "intensity",
 ) -> Any:
-    from hcsseg.virtual_stain.model import VirtualStainOptions
+    from hcsseg.virtual_stain.options import VirtualStainOptions
     from hcsseg.virtual_stain.plate import VirtualStainConfig
 
     model = VirtualStainOptions(

@@ -20,13 +20,14 @@ import shutil
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save
 
 from hcsseg.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported when weights are saved or loaded, not for cards
+    import torch
 
 WEIGHTS = "weights.safetensors"
 CARD = "model_card.json"
@@ -67,6 +68,9 @@ def save_model(
     store: str | Path, kind: str, state_dict: dict[str, torch.Tensor], card: dict[str, Any]
 ) -> str:
     """Store weights + card; returns the new model id (``<kind>-<utc time>-<hash>``)."""
+    import torch
+    from safetensors.torch import save
+
     root = Path(store)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -129,6 +133,8 @@ def load_model(store: str | Path, model: str) -> tuple[dict[str, torch.Tensor], 
     folder = model_dir(store, model)
     card = load_card(store, model)
     try:
+        from safetensors.torch import load_file
+
         state = load_file(str(folder / WEIGHTS), device="cpu")
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise ModelError(f"weights file {folder / WEIGHTS} cannot be loaded: {exc}") from exc

@@ -32,7 +32,7 @@ from hcsseg.pipeline.wells import (
     process_well,
     well_is_done,
 )
-from hcsseg.virtual_stain.model import VirtualStainOptions
+from hcsseg.virtual_stain.options import VirtualStainOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig
 from tests.conftest import REPO, dataset
 

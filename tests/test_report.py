@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from hcsseg.errors import InputDataError
 from hcsseg.io.labels import write_labels
 from hcsseg.io.tiff_import import plate_from_arrays
-from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.options import TrainOptions
 from hcsseg.model_store import load_card
 from hcsseg.pipeline.training import TrainConfig, train_plate_segmentation
 from hcsseg.report import (
@@ -30,7 +30,7 @@ from hcsseg.report import (
     training_curve_png,
     training_report,
 )
-from hcsseg.virtual_stain.model import VirtualStainOptions
+from hcsseg.virtual_stain.options import VirtualStainOptions
 from hcsseg.virtual_stain.plate import VirtualStainConfig, plan_virtual_stain, train_plate_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

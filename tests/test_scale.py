@@ -9,7 +9,7 @@ from skimage.draw import disk
 
 from hcsseg.learning import networks
 from hcsseg.learning.data import CropSampler, intensity_augment
-from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     FieldMaps,

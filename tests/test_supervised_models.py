@@ -12,8 +12,8 @@ import torch
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.learning import devices, networks
 from hcsseg.learning.data import validate_labels
-from hcsseg.learning.loop import TrainOptions
 from hcsseg.learning.networks import transfer_weights
+from hcsseg.learning.options import TrainOptions
 from hcsseg.segment import distance_unet
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
@@ -22,7 +22,8 @@ from hcsseg.segment.distance_unet import (
     train_distance_unet,
 )
 from hcsseg.segment.fpn2ws import FPN2WSOptions, border_map, segment_fpn2ws, train_fpn2ws
-from hcsseg.virtual_stain.model import VirtualStainOptions, build_network
+from hcsseg.virtual_stain.model import build_network
+from hcsseg.virtual_stain.options import VirtualStainOptions
 from tests.conftest import dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

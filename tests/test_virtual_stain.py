@@ -16,16 +16,15 @@ from hcsseg.export.tables import read_table
 from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_writer import ChannelSpec, append_channel
 from hcsseg.io.tiff_import import plate_from_arrays
-from hcsseg.learning.loop import TrainOptions
+from hcsseg.learning.options import TrainOptions
 from hcsseg.virtual_stain.model import (
-    VirtualStainOptions,
     build_network,
-    card_target_range,
     network_from_state,
     plate_target_range,
     predict_virtual_stain,
     train_virtual_stain,
 )
+from hcsseg.virtual_stain.options import VirtualStainOptions, card_target_range
 from hcsseg.virtual_stain.plate import VirtualStainConfig, plan_virtual_stain
 from tests.conftest import dataset
 

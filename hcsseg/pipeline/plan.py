@@ -151,7 +151,7 @@ def plan_pipeline(plate_url: str, config: ProcessConfig) -> PipelinePlan:
                 "be learnt here; pass a trained virtual_stain.model_id or name the nucleus "
                 "channel (--nucleus-channel)"
             )
-        from hcsseg.virtual_stain.model import VirtualStainOptions
+        from hcsseg.virtual_stain.options import VirtualStainOptions
 
         sources = _virtual_sources(training, everywhere, nucleus, cell)
         if not sources:

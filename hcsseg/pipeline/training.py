@@ -29,7 +29,7 @@ from hcsseg.model_store import latest_model, list_models, load_model, save_model
 from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
 from hcsseg.segment.methods import OPTION_MODELS, centroids, parse_options, train_method
 from hcsseg.segment.scale import pixel_size_from_objects
-from hcsseg.virtual_stain.model import KIND as VIRTUAL_KIND
+from hcsseg.virtual_stain.options import KIND as VIRTUAL_KIND
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from torch import nn
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.learning.data import check_pairs, normalize_percentile, split_train_val
 from hcsseg.learning.devices import seed_everything, select_device
-from hcsseg.learning.loop import LossFn, TrainOptions, crop_sampler, fit
+from hcsseg.learning.loop import LossFn, crop_sampler, fit
 from hcsseg.learning.networks import (
     InitKind,
     StateDict,
@@ -40,6 +40,7 @@ from hcsseg.learning.networks import (
     predict_dense,
     transfer_weights,
 )
+from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.classical import drop_small_objects
 from hcsseg.segment.scale import (
     estimate_diameter,

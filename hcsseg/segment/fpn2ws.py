@@ -25,7 +25,7 @@ from torch import nn
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.learning.data import CropSampler, check_pairs, normalize_percentile, split_train_val
 from hcsseg.learning.devices import seed_everything, select_device
-from hcsseg.learning.loop import LossFn, TrainOptions, fit
+from hcsseg.learning.loop import LossFn, fit
 from hcsseg.learning.networks import (
     InitKind,
     StateDict,
@@ -34,6 +34,7 @@ from hcsseg.learning.networks import (
     predict_dense,
     transfer_weights,
 )
+from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.distance_unet import finish_labels, normalized_distance
 
 

@@ -30,15 +30,11 @@ from hcsseg.model_store import (
     load_model,
     save_model,
 )
-from hcsseg.virtual_stain.model import (
+from hcsseg.virtual_stain.options import (
     KIND,
     VIRTUAL_RANGE,
     VirtualStainOptions,
     card_target_range,
-    network_from_state,
-    predict_virtual_stain,
-    to_storage,
-    train_virtual_stain,
 )
 
 log = logging.getLogger(__name__)
@@ -147,6 +143,8 @@ def _ref(plate: Plate, path: str) -> FieldRef:
 
 
 def train_plate_model(plan: VirtualStainPlan, config: VirtualStainConfig) -> str:
+    from hcsseg.virtual_stain.model import train_virtual_stain  # torch: only when training
+
     """Train (or fine-tune) the plate's model and store it; returns the model id."""
     plate = open_plate(plan.plate_url)
     opts = config.model
@@ -186,6 +184,8 @@ def predict_well(
     training_fields: list[str],
 ) -> list[dict[str, Any]]:
     """Write ``<target>_virtual`` into every field of a well, plus markers and marker QC."""
+    from hcsseg.virtual_stain.model import network_from_state, predict_virtual_stain, to_storage
+
     plate = open_plate(plan.plate_url, mode="r+")
     state, card = load_model(config.store(plan.plate_url), model_id)
     opts = config.model
