@@ -85,6 +85,9 @@ class Plate:
                 f"(found keys: {sorted(attrs) or 'none'})"
             )
         self.meta: dict[str, Any] = attrs["plate"]
+        # opened field groups and arrays: each open re-reads zarr.json (70 reads per field
+        # before); writes through this object update the cached nodes themselves
+        self._nodes: dict[tuple[str, int], Any] = {}
         self.version: NgffVersion = "0.5" if "ome" in dict(group.attrs) else "0.4"
         self.name: str = str(self.meta.get("name") or Path(self.url.rstrip("/")).stem)
         for key in ("rows", "columns", "wells"):
@@ -149,14 +152,17 @@ class Plate:
 
     # ---- one field ---------------------------------------------------------------
     def image_group(self, ref: FieldRef) -> zarr.Group:
-        try:
-            node = self.group[ref.path]
-        except KeyError as exc:
-            raise PlateFormatError(
-                f"plate {self.name}: field {ref.path} (well {ref.well}) is missing"
-            ) from exc
-        assert isinstance(node, zarr.Group)
-        return node
+        key = (ref.path, -1)
+        if key not in self._nodes:
+            try:
+                node = self.group[ref.path]
+            except KeyError as exc:
+                raise PlateFormatError(
+                    f"plate {self.name}: field {ref.path} (well {ref.well}) is missing"
+                ) from exc
+            assert isinstance(node, zarr.Group)
+            self._nodes[key] = node
+        return self._nodes[key]
 
     def image_meta(self, ref: FieldRef) -> dict[str, Any]:
         attrs = ome_attrs(self.image_group(ref))
@@ -201,6 +207,12 @@ class Plate:
         return self.scale(ref, level)[x] * factor
 
     def array(self, ref: FieldRef, level: int = 0) -> zarr.Array:
+        key = (ref.path, level)
+        if key not in self._nodes:
+            self._nodes[key] = self._open_array(ref, level)
+        return self._nodes[key]
+
+    def _open_array(self, ref: FieldRef, level: int) -> zarr.Array:
         paths = self.level_paths(ref)
         where = f"plate {self.name} field {ref.path} (well {ref.well})"
         if level >= len(paths):
