@@ -159,6 +159,22 @@ class ProcessConfig(BaseModel):
     typical_nucleus_um: float = Field(
         10.0, gt=0, description="nucleus diameter an estimated scale maps to, micrometres"
     )
+    tile_size: int = Field(
+        4096,
+        ge=256,
+        description="fields wider or taller than this (pixels) are segmented by the classical "
+        "methods tile by tile, labels stitched, so memory is bounded by a tile instead of the "
+        "field; the overlap follows from the nucleus size and the cells' max_expansion_um "
+        "(smaller fields give the same labels as untiled)",
+    )
+    saturation_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="a field whose share of saturated pixels (at the integer maximum) in a "
+        "channel exceeds this is flagged (Image_ImageQuality_Saturated_<Channel>), warned "
+        "about and counted in the plate report: bright nuclei clipped to one value merge",
+    )
     train: PlateTraining | None = Field(
         None,
         description="train models on this plate first (the annotation-free and supervised "

@@ -25,6 +25,8 @@ from hcsseg.io.plate import parse_well
 WELL_COLUMN = "Metadata_Well"
 COUNT_COLUMN = "Image_Count_Cells"
 FOCUS_PREFIX = "Image_ImageQuality_FocusScore_"
+SATURATED_PREFIX = "Image_ImageQuality_Saturated_"
+MAX_SATURATED_ROWS = 48  # longer lists are cut: a plate saturated everywhere needs no list
 PCC_PATTERN = re.compile(r"(^|_)PCC(_|$)")
 MARKER_FN_COLUMN = "Image_VirtualStain_MarkerFNRate"
 MARKER_FP_COLUMN = "Image_VirtualStain_MarkerFPRate"
@@ -229,6 +231,7 @@ def _plate_sections(
     if COUNT_COLUMN in well_qc.columns:
         summary += f", {int(well_qc[COUNT_COLUMN].fillna(0).sum())} cells"
     head = [summary + ". Grey: well without a value; white: no data.", ""]
+    head += saturation_lines(well_qc)
     lines: list[str] = []
     if not metrics:
         lines += ["No QC metric columns found (cell counts, focus scores, PCC).", ""]
@@ -257,6 +260,70 @@ def _plate_sections(
             flagged = ", ".join(f"{wells[i]} (z={z[i]:+.1f})" for i in outliers.index)
             lines += [f"Outlier wells (|robust z| > {options.outlier_z:g}): {flagged}", ""]
     return plate_name or "plate", head, lines
+
+
+def saturated_fields(well_qc: pd.DataFrame) -> pd.DataFrame:
+    """Wells with saturated fields: columns well, channel, fields (count, or NaN when the
+    table has no field count) and share, one row per well and channel with any.
+
+    The per-well QC holds each field flag ``Image_ImageQuality_Saturated_<Ch>`` as its mean
+    over the well's fields, so the count is that share times ``Metadata_FieldCount``."""
+    rows: list[dict[str, Any]] = []
+    columns = sorted(c for c in well_qc.columns if c.startswith(SATURATED_PREFIX))
+    n_fields = (
+        pd.to_numeric(well_qc["Metadata_FieldCount"], errors="coerce")
+        if "Metadata_FieldCount" in well_qc.columns
+        else pd.Series(np.nan, index=well_qc.index)
+    )
+    for column in columns:
+        share = pd.to_numeric(well_qc[column], errors="coerce").astype(float)
+        for i in share.index[share > 0]:
+            total = n_fields[i]
+            rows.append(
+                {
+                    "well": str(well_qc[WELL_COLUMN][i]),
+                    "channel": column.removeprefix(SATURATED_PREFIX),
+                    "fields": round(share[i] * total) if math.isfinite(total) else np.nan,
+                    "of": total,
+                    "share": float(share[i]),
+                }
+            )
+    return pd.DataFrame(rows, columns=["well", "channel", "fields", "of", "share"])
+
+
+def saturation_lines(well_qc: pd.DataFrame) -> list[str]:
+    """Report lines naming the wells with saturated fields (nothing when the table has no
+    saturation flags, e.g. one written before they existed)."""
+    if not any(c.startswith(SATURATED_PREFIX) for c in well_qc.columns):
+        return []
+    found = saturated_fields(well_qc)
+    if found.empty:
+        return ["Saturated fields: none.", ""]
+    wells = found["well"].nunique()
+    counted = found["fields"].notna().all()
+    in_wells = f"{wells} well{'s' if wells > 1 else ''}"
+    what = f"{int(found['fields'].sum())} in {in_wells}" if counted else f"in {in_wells}"
+    lines = [
+        f"**Saturated fields: {what}** (more than `saturation_fraction` of the pixels of a "
+        "channel at the camera maximum: nuclei there merge and intensities are clipped; the "
+        f"per-field image QC flags them in `{SATURATED_PREFIX}<Channel>`).",
+        "",
+    ]
+    shown = found.head(MAX_SATURATED_ROWS)
+    lines += md_table(
+        ["well", "channel", "saturated fields"],
+        [
+            (
+                r.well,
+                r.channel,
+                f"{int(r.fields)} of {int(r.of)}" if math.isfinite(r.fields) else f"{r.share:.0%}",
+            )
+            for r in shown.itertuples()
+        ],
+    )
+    if len(found) > len(shown):
+        lines += [f"... and {len(found) - len(shown)} more well/channel pairs.", ""]
+    return lines
 
 
 def plate_report(

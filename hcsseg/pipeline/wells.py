@@ -30,7 +30,7 @@ from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
-from hcsseg.io.plate import FieldRef, Plate, content_stamp, open_plate
+from hcsseg.io.plate import FieldRef, Plate, check_writable, content_stamp, open_plate
 from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.measure.features import (
     channel_token,
@@ -38,11 +38,18 @@ from hcsseg.measure.features import (
     measure_objects,
     object_metadata_columns,
 )
-from hcsseg.measure.quality import QUALITY_FEATURES, image_quality, quality_columns
+from hcsseg.measure.quality import (
+    QUALITY_FEATURES,
+    QUALITY_FLAGS,
+    image_quality,
+    quality_columns,
+    quality_flags,
+)
 from hcsseg.model_store import check_card_channels, latest_model, load_model
 from hcsseg.pipeline.stages import LEDGER_DIR
 from hcsseg.segment.methods import Segmenter
 from hcsseg.segment.scale import pixel_size_from_objects
+from hcsseg.segment.tiling import central_crop
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +196,9 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
     cells_model = _resolve_model(
         store, "cells", config.cells_method, config.cells_model, plate.name, readable
     )
+    output_root = absolute_url(str(config.output_root(plate_url)))
+    check_writable(plate_url, f"plate {plate.name} (labels go there):")
+    check_writable(output_root, "tables folder")
     return PlatePlan(
         plate_url=plate_url,
         plate_name=plate.name,
@@ -196,7 +206,7 @@ def plan_plate(plate_url: str, config: ProcessConfig) -> PlatePlan:
         nucleus_channel=nucleus,
         cell_channel=cell,
         measure_channels=measure,
-        output_root=absolute_url(str(config.output_root(plate_url))),
+        output_root=output_root,
         n_fields=len(per_field),
         config_hash=config_hash(config),
         nuclei_model=nuclei_model,
@@ -382,10 +392,12 @@ def schema(plan: PlatePlan) -> list[str]:
 
 
 def qc_schema(plan: PlatePlan) -> list[str]:
+    """Columns of every image-QC file of the plate: keys, counts, metrics, then the boolean
+    flags (``Image_ImageQuality_Saturated_<Ch>``) per channel."""
     quality = [
         f"Image_ImageQuality_{k}_{channel_token(c)}"
         for c in plan.measure_channels
-        for k in QUALITY_FEATURES
+        for k in (*QUALITY_FEATURES, *QUALITY_FLAGS)
     ]
     return [
         *FIELD_METADATA,
@@ -474,13 +486,20 @@ def segment_field(
     for name, image in images.items():
         _check_finite(image, plate, ref, name)
     px = config.pixel_size_um or plate.pixel_size_um(ref)
-    seg_px = segmentation_pixel_size(images[nucleus], px, config)
+    # a field larger than a tile has its scale read off its central tile: the estimate is a
+    # median over thousands of nuclei there, and memory stays bounded by a tile
+    seg_px = segmentation_pixel_size(central_crop(images[nucleus], config.tile_size), px, config)
     nuclei = nuclei_seg.nuclei(
-        segmenter_input(nuclei_seg, plate, ref, images[nucleus]), pixel_size_um=seg_px
+        segmenter_input(nuclei_seg, plate, ref, images[nucleus]),
+        pixel_size_um=seg_px,
+        tile_size=config.tile_size,
     )
     cell_image = images[cell_channel] if cell_channel else None
     cells = cells_seg.cells(
-        nuclei, segmenter_input(cells_seg, plate, ref, cell_image), pixel_size_um=seg_px
+        nuclei,
+        segmenter_input(cells_seg, plate, ref, cell_image),
+        pixel_size_um=seg_px,
+        tile_size=config.tile_size,
     )
     return SegmentedField(nuclei, cells, images, nucleus, px, seg_px)
 
@@ -558,12 +577,30 @@ def process_well(
         qc["Image_Width"], qc["Image_Height"] = int(nuclei.shape[1]), int(nuclei.shape[0])
         # the scale the classical methods worked at (µm/px), estimated or from metadata
         qc["Metadata_SegmentationPixelSize"] = float(seg.segmentation_pixel_size_um)
+        for name in plan.measure_channels:  # a channel the field lacks has nothing saturated
+            qc.update(quality_columns(dict.fromkeys(QUALITY_FLAGS, False), tokens[name]))
         for name in present:
             image = images[name]
             sat = (
                 float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else None
             )
-            qc.update(quality_columns(image_quality(image, saturation_value=sat), tokens[name]))
+            metrics = image_quality(image, saturation_value=sat)
+            flags = quality_flags(metrics, saturation_fraction=config.saturation_fraction)
+            if flags["Saturated"]:
+                log.warning(
+                    "plate %s well %s field %s channel %r: %.1f%% of pixels saturated (at %s), "
+                    "over the %g%% limit (saturation_fraction): clipped nuclei merge and "
+                    "intensities are floors; the QC column %s is True",
+                    plan.plate_name,
+                    ref.well,
+                    ref.field,
+                    name,
+                    metrics["PercentMaximal"],
+                    "the image maximum" if sat is None else f"{sat:g}",
+                    100 * config.saturation_fraction,
+                    f"Image_ImageQuality_Saturated_{tokens[name]}",
+                )
+            qc.update(quality_columns({**metrics, **flags}, tokens[name]))
         qc_rows.append(qc)
         if on_field:
             on_field(ref)

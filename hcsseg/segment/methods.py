@@ -126,9 +126,18 @@ class Segmenter:
             options.setdefault("canonical_diameter", None)
         return parse_options(self.method, options)
 
-    def nuclei(self, image: np.ndarray, *, pixel_size_um: float) -> np.ndarray:
+    def nuclei(
+        self, image: np.ndarray, *, pixel_size_um: float, tile_size: int | None = None
+    ) -> np.ndarray:
+        """Nucleus labels of one field. `tile_size`: the classical method segments larger
+        fields tile by tile (bounded memory); the models tile their own inference."""
         if self.method == "classical":
-            return segment_nuclei(image, pixel_size_um=pixel_size_um, options=self.nuclei_options)
+            return segment_nuclei(
+                image,
+                pixel_size_um=pixel_size_um,
+                options=self.nuclei_options,
+                tile_size=tile_size,
+            )
         if self.method == "distance_unet":
             return distance_unet.segment_distance_unet(self.state, image, options=self.options)
         if self.method == "fpn2ws":
@@ -140,13 +149,23 @@ class Segmenter:
         raise ModelError(f"method {self.method!r} does not segment nuclei")
 
     def cells(
-        self, nuclei: np.ndarray, image: np.ndarray | None, *, pixel_size_um: float
+        self,
+        nuclei: np.ndarray,
+        image: np.ndarray | None,
+        *,
+        pixel_size_um: float,
+        tile_size: int | None = None,
     ) -> np.ndarray:
+        """Cell labels with their nucleus's ids; `tile_size` as in `nuclei`."""
         if self.method == "classical":
             if image is not None and image.ndim == 3:
                 image = image[0]
             return segment_cells(
-                nuclei, image, pixel_size_um=pixel_size_um, options=self.cell_options
+                nuclei,
+                image,
+                pixel_size_um=pixel_size_um,
+                options=self.cell_options,
+                tile_size=tile_size,
             )
         if image is None:
             raise InputDataError(f"cell method {self.method!r} needs a cell image channel")
