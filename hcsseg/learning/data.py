@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
@@ -17,6 +16,8 @@ from hcsseg.errors import InputDataError
 from hcsseg.segment.scale import resize
 
 if TYPE_CHECKING:
+    import torch
+
     from hcsseg.io.plate import FieldRef, Plate
 
 
@@ -238,6 +239,8 @@ class CropSampler:
                 a, b = a[:, :, ::-1], b[:, :, ::-1]
             xs.append(np.ascontiguousarray(a))
             ys.append(np.ascontiguousarray(b))
+        import torch  # here, so label checks and plate code do not load torch
+
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
     def fixed(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

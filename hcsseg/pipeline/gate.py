@@ -34,7 +34,6 @@ from hcsseg.pipeline.wells import (
     segmenter_input,
 )
 from hcsseg.segment.methods import centroids
-from hcsseg.segment.unsupervised import foreground_mask
 
 
 def truth_score(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
@@ -200,6 +199,8 @@ def run_gate(
                 )
             )
         else:
+            from hcsseg.segment.unsupervised import foreground_mask  # torch module
+
             fg = foreground_mask(cell_image[None] if cell_image.ndim == 2 else cell_image)
             pairs.append((cell_proxy_score(cand, markers, fg), cell_proxy_score(base, markers, fg)))
     note = " (in-sample: the plate has one field)" if stage.in_sample_gate else ""

@@ -24,10 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from hcsseg.errors import ChannelNotFoundError, HcssegError, ModelError
 from hcsseg.io.plate import FieldRef, Plate, open_plate
 from hcsseg.learning.data import validate_labels
-from hcsseg.learning.loop import thin_curve
 from hcsseg.model_store import latest_model, list_models, load_model, save_model
 from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
-from hcsseg.segment.methods import OPTION_MODELS, centroids, parse_options, train_method
+from hcsseg.segment.methods import OPTIONED, centroids, option_model, parse_options, train_method
 from hcsseg.segment.scale import pixel_size_from_objects
 from hcsseg.virtual_stain.options import KIND as VIRTUAL_KIND
 
@@ -122,8 +121,8 @@ def budget_options(method: str, steps: int | None) -> dict[str, Any]:
         return {}
     if method == "unsupervised":
         return {"n_steps": steps}
-    if method in OPTION_MODELS:
-        recipe = OPTION_MODELS[method]().train.model_dump(mode="json")
+    if method in OPTIONED:
+        recipe = option_model(method)().train.model_dump(mode="json")
         return {"train": recipe | {"n_steps": steps}}
     return {}
 
@@ -391,8 +390,14 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         "plate": plate.name,
         "plate_url": str(plate_url),
         "history": {k: v for k, v in history.items() if k != "loss"},
-        "loss_curve": thin_curve(history.get("loss", [])),
+        "loss_curve": _thin(history.get("loss", [])),
     }
     model_id = save_model(store, config.kind(), state, card)
     log.info("stored %s model %s", config.kind(), model_id)
     return model_id
+
+
+def _thin(values: list[float]) -> list[float]:
+    from hcsseg.learning.loop import thin_curve  # torch: only once a model was trained
+
+    return thin_curve(values)

@@ -11,31 +11,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.segment import distance_unet, fpn2ws, unsupervised
 from hcsseg.segment.classical import CellOptions, NucleiOptions, segment_cells, segment_nuclei
 
+if TYPE_CHECKING:
+    import torch
+
+# The learned methods' modules (and torch, ~800 MB per process) load on first use: a
+# classical run, and each of its Dask workers, never pays for them.
 Method = Literal["classical", "distance_unet", "fpn2ws", "unsupervised", "cellpose"]
 TRAINABLE = ("distance_unet", "fpn2ws", "unsupervised", "cellpose")
-OPTION_MODELS: dict[str, type] = {
-    "distance_unet": distance_unet.DistanceUNetOptions,
-    "fpn2ws": fpn2ws.FPN2WSOptions,
-    "unsupervised": unsupervised.UnsupervisedOptions,
-}
+OPTIONED = ("distance_unet", "fpn2ws", "unsupervised")
+
+
+def option_model(method: str) -> type:
+    """The pydantic options class of a trainable method (imports its module)."""
+    if method not in OPTIONED:
+        raise ModelError(f"method {method!r} has no trainable options; choose {list(OPTIONED)}")
+    from hcsseg.segment import distance_unet, fpn2ws, unsupervised
+
+    return {
+        "distance_unet": distance_unet.DistanceUNetOptions,
+        "fpn2ws": fpn2ws.FPN2WSOptions,
+        "unsupervised": unsupervised.UnsupervisedOptions,
+    }[method]
 
 
 def parse_options(method: str, options: dict[str, Any] | None) -> Any:
-    if method not in OPTION_MODELS:
-        raise ModelError(
-            f"method {method!r} has no trainable options; choose {list(OPTION_MODELS)}"
-        )
-    return OPTION_MODELS[method].model_validate(options or {})
+    return option_model(method).model_validate(options or {})
 
 
 def train_method(
@@ -51,6 +59,8 @@ def train_method(
 
     `init_state`: a virtual-staining U-Net to initialise from (smp methods); `parent_state`:
     the whole model of the same method from an earlier plate, to fine-tune."""
+    from hcsseg.segment import distance_unet, fpn2ws, unsupervised
+
     opts = parse_options(method, options)
     if method == "distance_unet":
         return distance_unet.train_distance_unet(
@@ -138,6 +148,8 @@ class Segmenter:
                 options=self.nuclei_options,
                 tile_size=tile_size,
             )
+        from hcsseg.segment import distance_unet, fpn2ws
+
         if self.method == "distance_unet":
             return distance_unet.segment_distance_unet(self.state, image, options=self.options)
         if self.method == "fpn2ws":
@@ -169,6 +181,8 @@ class Segmenter:
             )
         if image is None:
             raise InputDataError(f"cell method {self.method!r} needs a cell image channel")
+        from hcsseg.segment import distance_unet, unsupervised
+
         if self.method == "unsupervised":
             ids, centres = centroids(nuclei)
             raw = unsupervised.segment_unsupervised(
