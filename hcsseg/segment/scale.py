@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import filters, morphology
+from skimage import filters
 
 from hcsseg.errors import InputDataError
+from hcsseg.segment.parts import h_maxima_by_component
 
 # An inscribed disc's diameter underestimates the equivalent diameter of a real (elliptic,
 # irregular) nucleus; this factor maps the first to the second. Measured on the DSB training
@@ -61,7 +62,7 @@ def estimate_diameter(image: np.ndarray, *, min_diameter: float = 4.0) -> float 
         return None
     dist = ndi.distance_transform_edt(mask).astype(np.float32)
     # h = 1 px: ridges of one object along its long axis do not count as separate peaks
-    peaks, n = ndi.label(morphology.h_maxima(dist, 1.0) & mask)
+    peaks, n = ndi.label(h_maxima_by_component(dist, 1.0) & mask)
     if n == 0:
         return None
     radius = ndi.maximum(dist, peaks, np.arange(1, n + 1))
