@@ -33,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,49 +145,89 @@ def measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak / 2**20, 1)}
 
 
-def per_stage(plate_url: str, n: int) -> dict[str, float]:
-    """ms per field of each stage, the library calls `process_well` makes, in this process."""
-    from hcsseg.config import ProcessConfig
-    from hcsseg.io.labels import write_labels
-    from hcsseg.io.plate import open_plate
-    from hcsseg.measure.features import measure_objects
-    from hcsseg.measure.quality import image_quality
-    from hcsseg.pipeline.wells import segmentation_pixel_size
-    from hcsseg.segment.classical import segment_cells, segment_nuclei
+STAGES = """
+import json, sys, time
+from hcsseg.config import ProcessConfig
+from hcsseg.io.labels import write_labels
+from hcsseg.io.plate import open_plate
+from hcsseg.measure.features import measure_objects
+from hcsseg.measure.quality import image_quality
+from hcsseg.pipeline.wells import segmentation_pixel_size
+from hcsseg.segment.classical import segment_cells, segment_nuclei
 
-    plate = open_plate(plate_url, mode="r+")
-    config = ProcessConfig()
-    refs = list(plate.iter_fields())[:n]
-    acc: dict[str, float] = {}
+plate = open_plate(sys.argv[1], mode="r+")
+config = ProcessConfig()
+refs = list(plate.iter_fields())[: int(sys.argv[2])]
+acc = {}
 
-    def tick(key: str, t0: float) -> float:
-        acc[key] = acc.get(key, 0.0) + time.process_time() - t0
-        return time.process_time()
 
-    for ref in refs:
-        t = time.process_time()
-        dna, cyto = plate.read_channels(ref, ["DNA", "Cyto"])
-        t = tick("read", t)
-        px = segmentation_pixel_size(dna, plate.pixel_size_um(ref), config)
-        nuclei = segment_nuclei(dna, pixel_size_um=px)
-        t = tick("nuclei", t)
-        cells = segment_cells(nuclei, cyto, pixel_size_um=px)
-        t = tick("cells", t)
-        measure_objects(
-            nuclei,
-            cells,
-            {"DNA": dna, "Cyto": cyto},
-            pixel_size_um=px,
-            typical_diameter_px=config.typical_nucleus_um / px,
+def tick(key, t0):
+    acc[key] = acc.get(key, 0.0) + time.process_time() - t0
+    return time.process_time()
+
+
+for ref in refs:
+    t = time.process_time()
+    dna, cyto = plate.read_channels(ref, ["DNA", "Cyto"])
+    t = tick("read", t)
+    px = segmentation_pixel_size(dna, plate.pixel_size_um(ref), config)
+    nuclei = segment_nuclei(dna, pixel_size_um=px)
+    t = tick("nuclei", t)
+    cells = segment_cells(nuclei, cyto, pixel_size_um=px)
+    t = tick("cells", t)
+    measure_objects(nuclei, cells, {"DNA": dna, "Cyto": cyto}, pixel_size_um=px,
+                    typical_diameter_px=config.typical_nucleus_um / px)
+    t = tick("features", t)
+    for image in (dna, cyto):
+        image_quality(image, saturation_value=255.0)
+    t = tick("image_qc", t)
+    write_labels(plate, ref, "bench_nuclei", nuclei)
+    write_labels(plate, ref, "bench_cells", cells)
+    tick("labels", t)
+print(json.dumps({k: round(1000 * v / len(refs), 1) for k, v in acc.items()}))
+"""
+
+
+def per_stage(plate_url: str, n: int, code: Path = REPO) -> dict[str, float]:
+    """ms of CPU per field of each stage `process_well` runs (the scale estimate counts with
+    nuclei), for the code checked out at `code`, in a child process."""
+    env = {**ENV, "PYTHONPATH": str(code)}
+    out = subprocess.run(
+        [sys.executable, "-c", STAGES, plate_url, str(n)],
+        env=env,
+        cwd=code,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stages = json.loads(out.stdout.strip().splitlines()[-1])
+    stages["total"] = round(sum(stages.values()), 1)
+    stages["fields_per_s_per_core"] = round(1000 / stages["total"], 3)
+    return stages
+
+
+@contextmanager
+def checkout(rev: str | None) -> Iterator[Path | None]:
+    """A worktree of `rev` (the baseline measured beside this code), removed afterwards."""
+    if not rev:
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix="hcsseg-baseline-")) / "tree"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), rev],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(path)],
+            cwd=REPO,
+            check=False,
+            capture_output=True,
         )
-        t = tick("features", t)
-        for image in (dna, cyto):
-            image_quality(image, saturation_value=255.0)
-        t = tick("image_qc", t)
-        write_labels(plate, ref, "bench_nuclei", nuclei)
-        write_labels(plate, ref, "bench_cells", cells)
-        tick("labels", t)
-    return {k: round(1000 * v / len(refs), 1) for k, v in acc.items()}
 
 
 def field_bytes(size: int) -> int:
@@ -195,15 +237,17 @@ def field_bytes(size: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="git revision whose classical stages are timed in the same run (e.g. ba7c9ef)",
+    )
     args = p.parse_args(argv)
     if not (DATA / "cellprofiler-human").is_dir():
         print(f"data not found: {DATA}; nothing to benchmark")
         return 0
     for k, v in THREADS.items():
         os.environ[k] = v
-    import torch
-
-    torch.set_num_threads(1)
     plates = [(6, 2, 512), (24, 2, 512), (96, 2, 512), (6, 1, 2160)]
     if args.quick:
         plates = [(2, 1, 512), (1, 1, 1024)]
@@ -219,12 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         "plates": [],
     }
     hcsseg = [sys.executable, "-m", "hcsseg.cli"]
-    with tempfile.TemporaryDirectory(prefix="hcsseg-speed-") as tmp:
+    with (
+        checkout(args.baseline) as baseline,
+        tempfile.TemporaryDirectory(prefix="hcsseg-speed-") as tmp,
+    ):
+        result["baseline"] = args.baseline
         for n_wells, fields, size in plates:
             url = build_plate(Path(tmp) / f"w{n_wells}_{size}.zarr", n_wells, fields, size)
             n_fields = n_wells * fields
             rec: dict[str, Any] = {"wells": n_wells, "fields": n_fields, "size": size}
             rec["stage_ms_per_field"] = per_stage(url, min(n_fields, 4))
+            if baseline is not None:
+                rec["baseline_stage_ms_per_field"] = per_stage(url, min(n_fields, 4), baseline)
+                rec["classical_speedup"] = round(
+                    rec["baseline_stage_ms_per_field"]["total"]
+                    / rec["stage_ms_per_field"]["total"],
+                    2,
+                )
             rec["plain"] = measured([sys.executable, "-c", PLAIN, url, f"{tmp}/plain"], ENV)
             cli = [*hcsseg, "process", url, "--output", f"{tmp}/cli", "--force"]
             rec["cli_1"] = measured([*cli, "--workers", "1"], ENV)
@@ -246,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rec))
     big = [r for r in result["plates"] if r["size"] == 2160]
     if big:
-        cpu_per_field = big[0]["plain"]["cpu_s"] / big[0]["fields"]
+        cpu_per_field = big[0]["stage_ms_per_field"]["total"] / 1000
         result["extrapolation_384x9_2160_16_cores_min"] = round(
             384 * 9 * cpu_per_field / 16 / 60, 1
         )
@@ -258,27 +313,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stages(s: dict[str, float]) -> str:
+    keys = ("read", "nuclei", "cells", "features", "image_qc", "labels")
+    return " / ".join(f"{s.get(k, 0):.0f}" for k in keys) + f" = **{s['total']:.0f}**"
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
+    base = r.get("baseline")
     lines = [
         "# Plate speed: classical path, `hcsseg process` vs a plain loop",
         "",
         f"Run {m['date']}, {m['cpu']} x {m['cpu_count']} cores, one thread per process, load "
-        f"average at start {m['load_average_at_start']}. CPU = user + system of the whole "
-        "process tree (embedded Prefect server included for the CLI); RSS = peak of the "
-        "tree's summed resident memory.",
+        f"average at start {m['load_average_at_start']}. Stage times are CPU ms per field in "
+        "a child process (the scale estimate counts with nuclei)"
+        + (
+            f"; the baseline is commit `{base}`, timed in the same run on the same plates"
+            if base
+            else ""
+        )
+        + ". CPU of a run = user + system of the whole process tree (the CLI's embedded "
+        "Prefect server included); RSS = peak of the tree's summed resident memory, sampled.",
         "",
-        "| plate | fields | stage ms/field (read / nuclei / cells / features / QC / labels) "
-        "| plain: wall s, CPU s, fields/s/core, peak RSS MB | CLI 1 worker: wall, CPU, "
-        "fields/s/core, RSS | CLI/plain CPU | CLI 2 workers wall (ratio) |",
-        "|---|---|---|---|---|---|---|",
+        "## Classical stages",
+        "",
+        "| plate | read / nuclei / cells / features / QC / labels = total ms | fields/s/core "
+        + ("| baseline ms | baseline fields/s/core | speed-up |" if base else "|"),
+        "|---|---|---|" + ("---|---|---|" if base else ""),
     ]
     for p in r["plates"]:
         s = p["stage_ms_per_field"]
-        stages = " / ".join(
-            f"{s.get(k, 0):.0f}"
-            for k in ("read", "nuclei", "cells", "features", "image_qc", "labels")
-        )
+        row = f"| {p['wells']} wells x {p['fields'] // p['wells']}, {p['size']}² | {_stages(s)} | "
+        row += f"{s['fields_per_s_per_core']:.2f} |"
+        if "baseline_stage_ms_per_field" in p:
+            b = p["baseline_stage_ms_per_field"]
+            row += f" {_stages(b)} | {b['fields_per_s_per_core']:.2f} |"
+            row += f" {p['classical_speedup']:.2f}x |"
+        lines.append(row)
+    lines += [
+        "",
+        "## Whole runs",
+        "",
+        "| plate | fields | plain loop: wall s, CPU s, peak RSS MB (x field bytes) | "
+        "`hcsseg process --workers 1`: wall, CPU, RSS | CLI / plain CPU | `--workers 2` wall "
+        "(/ 1 worker) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in r["plates"]:
         a, c = p["plain"], p["cli_1"]
         two = (
             f"{p['cli_2']['wall_s']:.1f} ({p['workers2_over_workers1_wall']:.2f}x)"
@@ -286,19 +367,20 @@ def markdown(r: dict[str, Any]) -> str:
             else "–"
         )
         lines.append(
-            f"| {p['wells']} wells, {p['size']}² | {p['fields']} | {stages} | {a['wall_s']:.1f}, "
-            f"{a['cpu_s']:.1f}, {a['fields_per_s_per_core']:.2f}, {a['peak_rss_mb']:.0f} | "
-            f"{c['wall_s']:.1f}, {c['cpu_s']:.1f}, {c['fields_per_s_per_core']:.2f}, "
-            f"{c['peak_rss_mb']:.0f} | {p['cli_over_plain_cpu']:.2f} | {two} |"
+            f"| {p['wells']} wells, {p['size']}² | {p['fields']} | {a['wall_s']:.1f}, "
+            f"{a['cpu_s']:.1f}, {a['peak_rss_mb']:.0f} ({a['rss_per_field_bytes']:.0f}x) | "
+            f"{c['wall_s']:.1f}, {c['cpu_s']:.1f}, {c['peak_rss_mb']:.0f} | "
+            f"{p['cli_over_plain_cpu']:.2f} | {two} |"
         )
     if "extrapolation_384x9_2160_16_cores_min" in r:
         lines += [
             "",
             f"384 wells x 9 fields of 2160² on 16 cores, from {r['cpu_s_per_2160_field']} CPU s "
-            f"per 2160² field (plain loop): **{r['extrapolation_384x9_2160_16_cores_min']} min** "
-            "(CPU only, classical).",
+            f"per 2160² field (classical stages): **{r['extrapolation_384x9_2160_16_cores_min']} "
+            "min** (CPU only).",
         ]
-    return "\n".join(lines) + "\n"
+    lines += ["", *[f"- {f}" for f in r.get("findings", [])]]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":
