@@ -1,0 +1,26 @@
+"""bench/plate_speed.py's measuring parts on a tiny real plate (the full benchmark is not a
+test: `python bench/plate_speed.py --baseline REV`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, dataset
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import plate_speed
+
+
+def test_stage_timing_and_process_tree_measurement(shared_data: Path, tmp_path: Path) -> None:
+    dataset(shared_data, "cellprofiler-human")
+    url = plate_speed.build_plate(tmp_path / "p.zarr", 2, 1, 256)
+    stages = plate_speed.per_stage(url, 2)
+    assert {"read", "nuclei", "cells", "features", "image_qc", "labels"} <= set(stages)
+    assert stages["total"] > 0 and stages["fields_per_s_per_core"] > 0
+    run = plate_speed.measured(
+        [sys.executable, "-c", plate_speed.PLAIN, url, str(tmp_path / "t")], plate_speed.ENV
+    )
+    assert run["cpu_s"] > 0 and run["peak_rss_mb"] > 50
+    assert list((tmp_path / "t" / "cells").rglob("*.parquet"))
