@@ -187,3 +187,34 @@ def test_speed_5000_objects_2k_field() -> None:
     cpu = time.process_time() - start
     assert len(table) > 5000
     assert cpu < 10, f"{cpu:.1f} s of CPU"  # measured about 3 s
+
+
+def test_tiled_measurement_gives_the_whole_field_rows(shared_data) -> None:
+    """Issue 14.8: a large field is measured a tile at a time with the same rows."""
+    import sys
+
+    import pandas as pd
+
+    from hcsseg.measure.features import measure_objects_tiled
+    from hcsseg.segment.classical import segment_cells, segment_nuclei
+    from tests.conftest import REPO, dataset
+
+    dataset(shared_data, "cellprofiler-human")
+    sys.path.insert(0, str(REPO / "bench"))
+    from plate_speed import source_field, variant
+
+    field = variant(source_field(), 1, 1200).astype(np.uint16) * 200
+    nuclei = segment_nuclei(field[0], pixel_size_um=0.65)
+    cells = segment_cells(nuclei, field[1], pixel_size_um=0.65)
+    channels = {"DNA": field[0], "Cyto": field[1]}
+    whole = measure_objects(nuclei, cells, channels, typical_diameter_px=15.0)
+    tiled = measure_objects_tiled(nuclei, cells, channels, tile_size=300, typical_diameter_px=15.0)
+    assert len(whole) == len(tiled) > 1000
+    orientation = [c for c in whole.columns if c.endswith("Orientation")]  # ±90° is one axis
+    pd.testing.assert_frame_equal(
+        whole.drop(columns=orientation), tiled.drop(columns=orientation), rtol=1e-9, atol=1e-9
+    )
+    assert whole[orientation].isna().equals(tiled[orientation].isna())
+    off = np.nan_to_num((whole[orientation] - tiled[orientation]).abs().to_numpy()) % 180
+    assert np.all((off < 1e-6) | (off > 180 - 1e-6))
+    assert tiled["Metadata_cqc_touches_border"].sum() == whole["Metadata_cqc_touches_border"].sum()

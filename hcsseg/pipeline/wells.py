@@ -35,7 +35,7 @@ from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.measure.features import (
     channel_token,
     feature_columns,
-    measure_objects,
+    measure_objects_tiled,
     object_metadata_columns,
 )
 from hcsseg.measure.quality import (
@@ -544,10 +544,11 @@ def process_well(
         write_labels(plate, ref, "nuclei", nuclei, properties=provenance)
         write_labels(plate, ref, "cells", cells, properties={**provenance, "parent": "nuclei"})
 
-        features = measure_objects(
+        features = measure_objects_tiled(
             nuclei,
             cells,
             {tokens[c]: images[c] for c in present},
+            tile_size=config.tile_size,
             pixel_size_um=seg.pixel_size_um,
             # the nucleus size the segmentation expected at the scale it worked at
             typical_diameter_px=config.typical_nucleus_um / seg.segmentation_pixel_size_um,
