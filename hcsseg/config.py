@@ -172,7 +172,7 @@ class ProcessConfig(BaseModel):
         ge=0,
         le=1,
         description="a field whose share of saturated pixels (at the integer maximum) in a "
-        "channel exceeds this is flagged (Image_ImageQuality_Saturated_<Channel>), warned "
+        "channel exceeds this is flagged (Image_ImageQuality_Saturated_ plus the channel), warned "
         "about and counted in the plate report: bright nuclei clipped to one value merge",
     )
     train: PlateTraining | None = Field(
