@@ -2,7 +2,7 @@
 
 Saturation: a uint16 field with half its DNA at 65535 segments into a few giant "nuclei"
 with no error, so its QC row flags it, the run warns naming the field and the plate report
-counts it.  Tiling: a real field mirrored to 4096² segmented in 1024 px tiles matches the
+counts it.  Tiling: a real field mirrored to 3072² segmented in 768 px tiles matches the
 whole-field result, with no nucleus cut or doubled on a seam, in a fraction of the memory.
 """
 
@@ -50,7 +50,7 @@ from tests.conftest import dataset
 
 CP_STEM = "AS_09125_050116030001_D03f00d{}.tif"
 PX = 0.84  # what the scale estimate reads off this field for 10 µm nuclei
-LARGE, TILE = 4096, 1024
+LARGE, TILE = 3072, 768
 SATURATED_DNA = "Image_ImageQuality_Saturated_DNA"
 
 
@@ -170,7 +170,7 @@ def large_field(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def whole_and_tiled(large_field: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-    """Nuclei and cells of the 4096² field, whole and in 1024 px tiles (tiled peak memory
+    """Nuclei and cells of the 3072² field, whole and in 768 px tiles (tiled peak memory
     traced)."""
     dna, cell = large_field
     out = {"nuclei": segment_nuclei(dna, pixel_size_um=PX)}
