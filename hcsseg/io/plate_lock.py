@@ -35,11 +35,18 @@ def lock_paths(plate_url: str | Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def plate_write_lock(plate_url: str | Path, command: str) -> Iterator[None]:
-    """Hold the plate for `command`; refused at once, naming the holder, if another has it."""
-    path, holder = lock_paths(plate_url)
+def exclusive(
+    path: Path, holder: Path, *, holder_note: str, name: str, reentrant: bool = False
+) -> Iterator[None]:
+    """Hold the OS lock at `path`, refused at once if another process has it, naming the
+    holder from the note in `holder` (filelock owns the lock file itself). `reentrant`: this
+    process may take it again (the note stays the first taker's)."""
     with _guard:
-        lock = _locks.setdefault(path, FileLock(path, thread_local=False))
+        lock = _locks.get(path) if reentrant else None
+        if lock is None:
+            lock = FileLock(path, thread_local=not reentrant)
+            if reentrant:
+                _locks[path] = lock
     first = not lock.is_locked
     try:
         lock.acquire(timeout=0)
@@ -49,22 +56,30 @@ def plate_write_lock(plate_url: str | Path, command: str) -> Iterator[None]:
         except OSError:
             who = "another process"
         raise HcssegError(
-            f"plate {Path(plate_url).name} is being processed by another run ({who}); "
+            f"plate {name} is being processed by another run ({who}); "
             "wait for it to finish or stop it first"
         ) from None
     except OSError as exc:
         raise HcssegError(
-            f"cannot lock plate {Path(plate_url).name} for {command}: {path.parent} is not "
-            f"writable ({exc.strerror or exc})"
+            f"cannot lock plate {name}: {path.parent} is not writable ({exc.strerror or exc})"
         ) from None
     try:
         if first:
             since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             holder.write_text(
-                f"{command}, pid {os.getpid()} on {socket.gethostname()} since {since}\n"
+                f"{holder_note}pid {os.getpid()} on {socket.gethostname()} since {since}\n"
             )
         yield
     finally:
         if first:
             holder.unlink(missing_ok=True)
         lock.release()
+
+
+@contextmanager
+def plate_write_lock(plate_url: str | Path, command: str) -> Iterator[None]:
+    """Hold the plate for `command`; refused at once, naming the holder, if another has it."""
+    path, holder = lock_paths(plate_url)
+    name = Path(plate_url).name
+    with exclusive(path, holder, holder_note=f"{command}, ", name=name, reentrant=True):
+        yield

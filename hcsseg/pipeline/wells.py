@@ -9,12 +9,10 @@ per table after all fields are done, so a killed run never leaves partial rows.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,14 +22,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, check_writable, content_stamp, open_plate
-from hcsseg.io.plate_lock import plate_write_lock
+from hcsseg.io.plate_lock import exclusive, plate_write_lock
 from hcsseg.measure.features import (
     channel_token,
     feature_columns,
@@ -252,8 +249,12 @@ def bookkeeping_dir(output_root: str | Path) -> Path:
     return Path(output_root) / LEDGER_DIR
 
 
+def _marker_dir(plan: PlatePlan) -> Path:
+    return bookkeeping_dir(plan.output_root) / "done" / safe_name(plan.plate_name)
+
+
 def _marker_path(plan: PlatePlan, well: str) -> Path:
-    return bookkeeping_dir(plan.output_root) / "done" / safe_name(plan.plate_name) / f"{well}.json"
+    return _marker_dir(plan) / f"{well}.json"
 
 
 def well_stamps(plate: Plate, well: str) -> dict[str, dict[str, str]]:
@@ -324,7 +325,7 @@ def forget_vanished_wells(plan: PlatePlan, plate: Plate) -> list[str]:
             if table.stem not in present:
                 table.unlink()
                 gone.add(table.stem)
-    done = _marker_path(plan, "x").parent
+    done = _marker_dir(plan)
     for marker in done.glob("*.json") if done.is_dir() else []:
         if marker.stem not in present:
             marker.unlink()
@@ -344,27 +345,12 @@ def plate_lock(plan: PlatePlan) -> Iterator[None]:
     """
     folder = bookkeeping_dir(plan.output_root) / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    name = safe_name(plan.plate_name)
-    lock, holder = FileLock(folder / f"{name}.lock"), folder / f"{name}.holder"
-    with plate_write_lock(plan.plate_url, "process"):
-        try:
-            lock.acquire(timeout=0)
-        except Timeout as exc:
-            try:
-                who = holder.read_text().strip()
-            except OSError:
-                who = "another process"
-            raise HcssegError(
-                f"plate {plan.plate_name} is being processed by another run ({who}); "
-                "wait for it to finish or stop it first"
-            ) from exc
-        try:
-            since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
-            yield
-        finally:
-            holder.unlink(missing_ok=True)
-            lock.release()
+    lock, holder = (folder / f"{safe_name(plan.plate_name)}{ext}" for ext in (".lock", ".holder"))
+    with (
+        plate_write_lock(plan.plate_url, "process"),
+        exclusive(lock, holder, holder_note="", name=plan.plate_name),
+    ):
+        yield
 
 
 def _check_finite(image: np.ndarray, plate: Plate, ref: FieldRef, channel: str) -> None:

@@ -485,7 +485,7 @@ def _check_pixel_size(pixel_size_um: float) -> None:
         raise InputDataError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
 
 
-def _as_float_2d(image: np.ndarray, what: str) -> np.ndarray:
+def _numeric_2d(image: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype.kind not in "biuf":
         raise InputDataError(f"{what} has unsupported dtype {arr.dtype}; expected numbers")
@@ -493,7 +493,11 @@ def _as_float_2d(image: np.ndarray, what: str) -> np.ndarray:
         raise InputDataError(f"{what} must be 2-D (Y, X), got shape {arr.shape}")
     if arr.size == 0:
         raise InputDataError(f"{what} is empty (shape {arr.shape})")
-    out = arr.astype(np.float64)
+    return arr
+
+
+def _as_float_2d(image: np.ndarray, what: str) -> np.ndarray:
+    out = _numeric_2d(image, what).astype(np.float64)
     if not np.isfinite(out).all():
         raise InputDataError(f"{what} contains NaN or infinite pixel values")
     return out
@@ -558,13 +562,7 @@ def _threshold(image: np.ndarray, method: str, correction: float, log: bool) -> 
 def _check_field(image: np.ndarray, what: str) -> np.ndarray:
     """A numeric, finite, non-empty 2-D field, without the float64 copy `_as_float_2d` makes
     (finiteness is checked one row band at a time)."""
-    arr = np.asarray(image)
-    if arr.dtype.kind not in "biuf":
-        raise InputDataError(f"{what} has unsupported dtype {arr.dtype}; expected numbers")
-    if arr.ndim != 2:
-        raise InputDataError(f"{what} must be 2-D (Y, X), got shape {arr.shape}")
-    if arr.size == 0:
-        raise InputDataError(f"{what} is empty (shape {arr.shape})")
+    arr = _numeric_2d(image, what)
     if arr.dtype.kind == "f":
         for r in range(0, arr.shape[0], _BAND_ROWS):
             if not np.isfinite(arr[r : r + _BAND_ROWS]).all():
