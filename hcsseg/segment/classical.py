@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from skimage import color, filters, morphology, segmentation
 
 from hcsseg.errors import InputDataError
+from hcsseg.segment.distance import distance_to_background
 from hcsseg.segment.parts import h_maxima_by_component, watershed_by_component
 from hcsseg.segment.tiling import grow_tiled, label_centroids, remap_inplace, segment_tiled
 
@@ -198,7 +199,7 @@ def segment_cells_from_stain(
     mask = morphology.remove_small_objects(mask, max_size=int(min_area))
     if not mask.any():
         return np.zeros(grey.shape, dtype=np.uint32)
-    landscape = ndi.distance_transform_edt(mask) - opts.membrane_weight_um * um * smooth
+    landscape = distance_to_background(mask) - opts.membrane_weight_um * um * smooth
     seeds = morphology.h_maxima(landscape, opts.seed_h_um * um).astype(bool) & mask
     merged, _ = ndi.label(ndi.binary_dilation(seeds, morphology.disk(2)) & mask)
     cells = segmentation.watershed(-landscape, np.where(seeds, merged, 0), mask=mask)
@@ -308,14 +309,14 @@ def _nuclei_from_normalised(
     if not mask.any():
         return np.zeros(norm.shape, dtype=np.uint32)
 
-    dist = ndi.distance_transform_edt(mask)
+    dist = distance_to_background(mask)
     seeds = h_maxima_by_component(dist, opts.seed_h_um * um) & mask
     # Merge seeds closer than the smallest diameter: two maxima that close belong to one
     # nucleus with an irregular outline, not to two nuclei.
     radius = max(round(min_d / 2), 1)
     merged, _ = ndi.label(ndi.binary_dilation(seeds, morphology.disk(radius)) & mask)
     markers = np.where(seeds, merged, 0)
-    objects = segmentation.watershed(-dist, markers, mask=mask)
+    objects = watershed_by_component(-dist, markers, mask)
     # Components too thin to hold an h-maximum get no seed; keep them as their own objects so
     # the size filter, not the seeding, decides their fate.
     orphans, n_orphans = ndi.label(mask & (objects == 0))
@@ -382,7 +383,7 @@ def segment_cells(
         raise InputDataError(
             f"cell image shape {grey.shape} does not match nuclei labels shape {seeds.shape}"
         )
-    near = ndi.distance_transform_edt(seeds == 0) <= reach
+    near = distance_to_background(seeds == 0) <= reach
     norm = _normalise(grey)
     if norm is None:  # flat stain: nothing to follow, only distance is left
         return segmentation.expand_labels(seeds, distance=reach).astype(np.uint32)
@@ -467,7 +468,7 @@ def _segment_cells_tiled(
     def propagate(sub_seeds: np.ndarray, sub_image: np.ndarray | None) -> np.ndarray:
         assert sub_image is not None
         markers = _marker_ids(sub_seeds)
-        near = ndi.distance_transform_edt(markers == 0) <= reach
+        near = distance_to_background(markers == 0) <= reach
         norm = _apply_levels(sub_image, field)
         return _propagate(markers, norm, near, opts, sigma, level=field.threshold)
 

@@ -42,6 +42,7 @@ from hcsseg.learning.networks import (
 )
 from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.classical import drop_small_objects
+from hcsseg.segment.distance import distance_to_background
 from hcsseg.segment.scale import (
     estimate_diameter,
     median_diameter,
@@ -152,7 +153,7 @@ def normalized_distance(labels: np.ndarray) -> np.ndarray:
     if not fg.any():
         return np.zeros(labels.shape, dtype=np.float32)
     edge = segmentation.find_boundaries(labels, mode="inner")
-    dist = ndi.distance_transform_edt(fg & ~edge) + fg
+    dist = distance_to_background(fg & ~edge) + fg
     ids = np.arange(int(labels.max()) + 1)
     peak = np.ones(ids.size)
     peak[1:] = np.maximum(ndi.maximum(dist, labels, index=ids[1:]), 1.0)

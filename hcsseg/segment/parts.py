@@ -29,8 +29,9 @@ def by_parts(
     map, a watershed restricted to `mask`) this is the whole-field result, and faster:
     skimage's reconstruction and watershed sort or heap every pixel they get and grow
     faster than linearly (at 2160² h-maxima 2.4 -> 0.65 s, bit-equal; the cell watershed
-    3.5 -> 2.0 s, where a tie on a border two cells share may fall to the other cell, a few
-    pixels in a field). Parts are grouped by the `cell` px grid square their box starts in."""
+    3.5 -> 2.0 s and the nuclei watershed 0.42 -> 0.25 s, where a tie on a border two
+    objects share may fall to the other one: 29 pixels over the 140 DSB2018 fields, AP@0.5
+    unchanged). Parts are grouped by the `cell` px grid square their box starts in."""
     parts, n = ndi.label(mask, structure=np.ones((3, 3)))
     out: np.ndarray | None = None
     if not n:

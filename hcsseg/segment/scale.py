@@ -12,11 +12,14 @@ transform of the foreground, and read the inscribed radius at each of its region
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters
 
 from hcsseg.errors import InputDataError
+from hcsseg.segment.distance import distance_to_background
 from hcsseg.segment.parts import h_maxima_by_component
 
 # An inscribed disc's diameter underestimates the equivalent diameter of a real (elliptic,
@@ -27,6 +30,10 @@ _INSCRIBED_TO_EQUIVALENT = 1.19
 # Rescale factors outside this range mean the estimate failed (an empty or flat field);
 # no resizing is then safer than a 10× blow-up.
 MIN_FACTOR, MAX_FACTOR = 0.2, 5.0
+# Fields of twice this many pixels or more are measured on a central crop of 1024² (a 2160²
+# field 4.4x faster) when it holds at least MIN_PEAKS objects; else on the whole field.
+ESTIMATE_PIXELS = 1 << 20
+MIN_PEAKS = 200
 
 
 def median_diameter(labels: np.ndarray) -> float | None:
@@ -44,10 +51,29 @@ def estimate_diameter(image: np.ndarray, *, min_diameter: float = 4.0) -> float 
     Otsu on the lightly smoothed image, distance transform of the foreground, radius at the
     distance map's regional maxima (plateaus of one object count once, peaks of objects
     below `min_diameter` are ignored); the median over peaks, scaled from inscribed to
-    equivalent diameter."""
-    grey = np.asarray(image, dtype=np.float32)
+    equivalent diameter. A field of at least twice `ESTIMATE_PIXELS` is measured on its
+    central crop of that size when the crop holds at least `MIN_PEAKS` objects: a median over that
+    many is as good as one over the whole field, at a fraction of the cost."""
+    grey = np.asarray(image)
     if grey.ndim != 2:
         raise InputDataError(f"diameter estimation needs a 2-D image, got shape {grey.shape}")
+    side = math.isqrt(ESTIMATE_PIXELS)
+    if grey.size >= 2 * ESTIMATE_PIXELS and min(grey.shape) >= side:
+        y0, x0 = (grey.shape[0] - side) // 2, (grey.shape[1] - side) // 2
+        radius = _peak_radii(grey[y0 : y0 + side, x0 : x0 + side], min_diameter)
+        if radius is None or radius.size < MIN_PEAKS:
+            radius = _peak_radii(grey, min_diameter)
+    else:
+        radius = _peak_radii(grey, min_diameter)
+    if radius is None or not radius.size:
+        return None
+    return float(2 * np.median(radius) * _INSCRIBED_TO_EQUIVALENT)
+
+
+def _peak_radii(image: np.ndarray, min_diameter: float) -> np.ndarray | None:
+    """Inscribed radius at each regional maximum of the foreground's distance map (peaks
+    of objects below `min_diameter` left out); None when the image shows no objects."""
+    grey = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(grey, (1, 99.8))
     if not np.isfinite([lo, hi]).all() or hi <= lo:
         return None
@@ -60,16 +86,16 @@ def estimate_diameter(image: np.ndarray, *, min_diameter: float = 4.0) -> float 
     mask = ndi.binary_fill_holes(smooth > level)
     if not mask.any() or mask.mean() > 0.9:
         return None
-    dist = ndi.distance_transform_edt(mask).astype(np.float32)
+    dist = distance_to_background(mask).astype(np.float32)
     # h = 1 px: ridges of one object along its long axis do not count as separate peaks
     peaks, n = ndi.label(h_maxima_by_component(dist, 1.0) & mask)
     if n == 0:
         return None
-    radius = ndi.maximum(dist, peaks, np.arange(1, n + 1))
-    radius = np.asarray(radius)[2 * np.asarray(radius) >= min_diameter]
-    if not radius.size:
-        return None
-    return float(2 * np.median(radius) * _INSCRIBED_TO_EQUIVALENT)
+    # the largest distance on each peak (peaks are a few pixels, so no sort of the image)
+    on_peak = peaks > 0
+    radius = np.zeros(n + 1, dtype=dist.dtype)
+    np.maximum.at(radius, peaks[on_peak], dist[on_peak])
+    return radius[1:][2 * radius[1:] >= min_diameter]
 
 
 def scale_factor(diameter: float | None, canonical: float | None) -> float:
