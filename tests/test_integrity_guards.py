@@ -217,9 +217,9 @@ def test_card_that_is_not_an_object_is_damaged(tmp_path: Path) -> None:
 
 CHILD = """
 import sys, time
-from hcsseg.pipeline.orchestration import _owned_server_class, prefect_api
+from hcsseg.pipeline.orchestration import embedded_server, prefect_api
 with prefect_api():
-    print(_owned_server_class()().server_process.pid, flush=True)
+    print(embedded_server().process.pid, flush=True)
     time.sleep(600)
 """
 

@@ -9,15 +9,14 @@ functions that need them, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime as dt
 import fnmatch
-import functools
 import importlib
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -486,65 +485,124 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
-@functools.cache
-def _owned_server_class() -> type[Any]:
-    """`SubprocessASGIServer` whose server dies with its owner and is registered while it
-    runs (built on first use: importing prefect.server is slow)."""
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
+class EmbeddedServer:
+    """Prefect's API server (uvicorn + SQLite) in a child process for one command.
 
-    class OwnedSubprocessASGIServer(SubprocessASGIServer):
-        # its own instance table: the parent's could hand back a plain server for port None
-        _instances: ClassVar[dict[int | None, SubprocessASGIServer]] = {}
+    Prefect's own `SubprocessASGIServer` does the same, but importing it loads all of
+    `prefect.server` (~3 CPU s) into this process, which only ever talks HTTP to the
+    server. Here the child is started with Prefect 3.8's command line and environment,
+    gets the parent-death signal, and is registered while it runs (`reap_orphan_servers`).
+    """
 
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            """Prefect 3.8's command and environment, plus the parent-death signal."""
-            self._forget()
-            server_env = {
+    PORTS = range(8000, 9000)
+    PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._entry: Path | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @staticmethod
+    def _free_port() -> int:
+        import random
+        import socket
+
+        for _ in range(20):
+            port = random.choice(EmbeddedServer.PORTS)
+            with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError("no free port for the embedded server in 8000-8999")
+
+    def _launch(self) -> None:
+        import prefect
+        from prefect.settings import get_current_settings
+
+        self.port = self._free_port()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                SERVER_APP,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
                 "PREFECT_UI_ENABLED": "0",
                 "PREFECT__SERVER_EPHEMERAL": "1",
                 "PREFECT__SERVER_FINAL": "1",
-            }
-            process = subprocess.Popen(
-                args=[
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--app-dir",
-                    str(prefect.__module_path__.parent),
-                    "--factory",
-                    SERVER_APP,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "error",
-                    "--lifespan",
-                    "on",
-                ],
-                env={
-                    **os.environ,
-                    **server_env,
-                    **get_current_settings().to_environment_variables(exclude_unset=True),
-                },
-                preexec_fn=_parent_death_signal(),
-            )
-            self._entry = _register_server(process.pid, self.port)
-            return process
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+            preexec_fn=_parent_death_signal(),
+        )
+        self._forget()
+        self._entry = _register_server(self.process.pid, self.port)
+        atexit.register(self.stop)  # an exit that skips prefect_api's cleanup
 
-        def _forget(self) -> None:
-            entry: Path | None = getattr(self, "_entry", None)
-            if entry is not None:
-                entry.unlink(missing_ok=True)
-            self._entry = None
+    def start(self, timeout: float) -> None:
+        """Launch and wait until `/health` answers; RuntimeError after `timeout` s."""
+        import httpx
 
-        def stop(self) -> None:
-            super().stop()
-            self._forget()
+        self._launch()
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                code = self.process.poll()
+                if code == self.PORT_IN_USE:  # another process took the port meanwhile
+                    self._launch()
+                    continue
+                if code is not None:
+                    raise RuntimeError(f"exited with status {code} before answering")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"did not answer within {timeout:g} s")
 
-    return OwnedSubprocessASGIServer
+    def _forget(self) -> None:
+        if self._entry is not None:
+            self._entry.unlink(missing_ok=True)
+        self._entry = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        self._forget()
+
+
+_SERVER: EmbeddedServer | None = None  # the one this process runs, while it runs
+
+
+def embedded_server() -> EmbeddedServer | None:
+    """The embedded server `prefect_api` started in this process, if one is running."""
+    return _SERVER
 
 
 @contextlib.contextmanager
@@ -572,15 +630,16 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
         reap_orphan_servers()
     except Exception as exc:  # cleanup of others' leftovers must never block this command
         log.warning("could not check for orphaned embedded servers: %s", exc)
-    server = _owned_server_class()()
+    global _SERVER
+    server = _SERVER = EmbeddedServer()
     try:
-        server.start(timeout=max(1, math.ceil(budget)))
+        server.start(timeout=max(1.0, budget))
     except RuntimeError as exc:
+        _SERVER = None
         server.stop()
         raise HcssegError(
-            f"Prefect's embedded server did not answer within {budget:g} s (a busy machine?); "
-            f"raise ${SERVER_TIMEOUT_ENV} or set PREFECT_API_URL to a running server "
-            f"(`prefect server start`): {str(exc).splitlines()[0][:200]}"
+            f"Prefect's embedded server {exc}; on a busy machine raise ${SERVER_TIMEOUT_ENV}, "
+            "or set PREFECT_API_URL to a running server (`prefect server start`)"
         ) from None
 
     def _terminate(signum: int, _frame: Any) -> None:
@@ -601,6 +660,7 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
             os.environ["PREFECT_API_URL"] = saved
         _drain_clients()
         server.stop()
+        _SERVER = None
 
 
 def _drain_clients(timeout: float = 30.0) -> None:
