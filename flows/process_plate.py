@@ -25,7 +25,6 @@ from flows.common import artifact_key
 from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.errors import HcssegError
-from hcsseg.export.ngio_tables import write_field_tables
 from hcsseg.io.plate import FieldRef, open_plate
 from hcsseg.io.plate_lock import plate_write_lock
 from hcsseg.pipeline.wells import (
@@ -72,9 +71,8 @@ def well_task(plan: PlatePlan, well: str, config: ProcessConfig) -> dict[str, An
 
 @task(name="finalize plate", task_run_name="finalize {plan.plate_name}")
 def finalize_task(plan: PlatePlan) -> list[dict[str, Any]]:
-    """Per-well QC summary, and each field's cells as a table ngio/Fractal users can list."""
+    """Per-well QC summary of the plate (each well wrote its own tables)."""
     summary = finalize_plate(plan, run_id=str(flow_run.get_id() or ""))
-    write_field_tables(plan)
     return summary.to_dict(orient="records")
 
 

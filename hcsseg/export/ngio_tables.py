@@ -9,22 +9,20 @@ image its rows describe (``region.path: ../labels/cells``) and that the ``label`
 holds the label values; the rows are in ``tables/<name>/table.parquet``, ngio's ``parquet``
 backend (no AnnData needed to write or read them).
 
-Pure I/O on local stores: the rows come from the per-well Parquet files the run wrote.
+Pure I/O on local stores: a well's rows are written as its run finishes it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import zarr
 
-from hcsseg.export.tables import well_table_path, write_parquet
-from hcsseg.io.plate import FieldRef, open_plate
-
-if TYPE_CHECKING:
-    from hcsseg.pipeline.wells import PlatePlan
+from hcsseg.export.tables import write_parquet
+from hcsseg.io.plate import FieldRef
 
 TABLE_NAME = "cells"
 LABEL_COLUMN = "label"
@@ -78,21 +76,13 @@ def write_field_table(
     return path
 
 
-def write_field_tables(plan: PlatePlan) -> int:
-    """Each field of the plan's wells gets its cells as a feature table; returns how many.
-
-    Reads the per-well cell files (`Metadata_Site` picks the field's rows); a well without
-    one (failed in this run) is left alone.
-    """
-    plate = open_plate(plan.plate_url)
-    written = 0
-    for well in plan.wells:
-        source = well_table_path(plan.output_root, "cells", plan.plate_name, well)
-        if not source.is_file():
-            continue
-        cells = pd.read_parquet(source)
-        for ref in plate.fields(well):
-            rows = cells[cells["Metadata_Site"] == ref.site]
-            write_field_table(plan.plate_url, ref, rows, metadata={"source_table": str(source)})
-            written += 1
-    return written
+def write_well_field_tables(
+    plate_url: str, refs: Sequence[FieldRef], cells: pd.DataFrame, *, source: Path
+) -> int:
+    """Each field of one well gets its rows of the well's cell table (`Metadata_Site` picks
+    them) as its feature table; `source` is the well's Parquet file, named in the metadata.
+    Returns how many tables were written."""
+    for ref in refs:
+        rows = cells[cells["Metadata_Site"] == ref.site]
+        write_field_table(plate_url, ref, rows, metadata={"source_table": str(source)})
+    return len(refs)

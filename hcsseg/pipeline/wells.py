@@ -25,6 +25,7 @@ import pandas as pd
 
 from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
+from hcsseg.export.ngio_tables import write_well_field_tables
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, check_writable, content_stamp, open_plate
@@ -605,15 +606,13 @@ def process_well(
         "units": "pixels (Location, AreaShape); multiply by pixel_size_um for micrometres",
         "site_index": "0-based position of the field in the well's images list",
     }
+    cells_path = write_well_table(
+        cells_df, plan.output_root, "cells", plate=plan.plate_name, well=well, metadata=file_meta
+    )
+    # each field's cells also inside the plate, where ngio and Fractal list tables
+    write_well_field_tables(plan.plate_url, refs, cells_df, source=cells_path)
     paths = [
-        write_well_table(
-            cells_df,
-            plan.output_root,
-            "cells",
-            plate=plan.plate_name,
-            well=well,
-            metadata=file_meta,
-        ),
+        cells_path,
         write_well_table(
             qc_df,
             plan.output_root,
