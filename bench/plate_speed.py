@@ -206,6 +206,75 @@ def per_stage(plate_url: str, n: int, code: Path = REPO) -> dict[str, float]:
     return stages
 
 
+LEARNED = """
+import json, sys, time
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from plate_speed import source_field, variant
+from hcsseg.learning.options import TrainOptions
+from hcsseg.segment.classical import segment_nuclei
+from hcsseg.segment.distance_unet import (
+    DistanceUNetOptions, labels_from_maps, predict_distance_unet, train_distance_unet,
+)
+device, size, steps, ttas = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if device == "cpu":
+    torch.set_num_threads(1)
+base = source_field()
+# a few steps on the classical nuclei of the 512² field: the network's output looks like
+# nuclei, so the post-processing does the work it does for a trained model
+train = TrainOptions(n_steps=steps, batch_size=8, crop_size=128, val_fraction=0.0, device=device)
+opts = DistanceUNetOptions(train=train)
+state, _ = train_distance_unet(
+    [base[0]], [segment_nuclei(base[0], pixel_size_um=0.65)], options=opts
+)
+field = variant(base, 1, size)[0]
+out = {"device": device, "torch_threads": torch.get_num_threads(), "size": size, "runs": []}
+if device == "cuda":
+    out["gpu"] = torch.cuda.get_device_name(0)
+for tta in [t == "1" for t in ttas.split(",")]:
+    o = opts.model_copy(update={"tta": tta})
+    predict_distance_unet(state, field[:256, :256], options=o)  # warm-up (kernels, caches)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    w, c = time.perf_counter(), time.process_time()
+    maps = predict_distance_unet(state, field, options=o)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    w1, c1 = time.perf_counter(), time.process_time()
+    labels = labels_from_maps(maps, o)
+    w2, c2 = time.perf_counter(), time.process_time()
+    out["runs"].append({
+        "tta": tta, "working_shape": list(maps.dist.shape), "objects": int(labels.max()),
+        "network_wall_s": round(w1 - w, 2), "network_cpu_s": round(c1 - c, 2),
+        "post_wall_s": round(w2 - w1, 2), "post_cpu_s": round(c2 - c1, 2),
+    })
+print(json.dumps(out))
+"""
+
+
+def learned_inference(device: str, size: int, steps: int, ttas: str) -> dict[str, Any]:
+    """Per-field time of the distance U-Net (network, then post-processing) on one field of
+    `size`², in a child process (one torch thread on the CPU)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LEARNED,
+            str(Path(__file__).parent),
+            device,
+            str(size),
+            str(steps),
+            ttas,
+        ],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @contextmanager
 def checkout(rev: str | None) -> Iterator[Path | None]:
     """A worktree of `rev` (the baseline measured beside this code), removed afterwards."""
@@ -242,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="git revision whose classical stages are timed in the same run (e.g. ba7c9ef)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the learned-inference timing (cpu, cuda); `--only-learned` on a GPU "
+        "machine times that alone",
+    )
+    p.add_argument("--only-learned", action="store_true", help="skip the classical plates")
     args = p.parse_args(argv)
     if not (DATA / "cellprofiler-human").is_dir():
         print(f"data not found: {DATA}; nothing to benchmark")
@@ -251,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     plates = [(6, 2, 512), (24, 2, 512), (96, 2, 512), (6, 1, 2160)]
     if args.quick:
         plates = [(2, 1, 512), (1, 1, 1024)]
+    if args.only_learned:
+        plates = []
     result: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
@@ -299,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             result["plates"].append(rec)
             print(json.dumps(rec))
+    result["learned"] = (
+        learned_inference(args.device, 512, 3, "0")
+        if args.quick
+        else learned_inference(args.device, 2160, 40, "0,1")
+    )
+    print(json.dumps(result["learned"]))
     big = [r for r in result["plates"] if r["size"] == 2160]
     if big:
         cpu_per_field = big[0]["stage_ms_per_field"]["total"] / 1000
@@ -308,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         result["cpu_s_per_2160_field"] = round(cpu_per_field, 2)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "plate_speed" + ("_quick" if args.quick else "")
+    if args.only_learned:
+        stem += f"_learned_{args.device}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     return 0
@@ -379,6 +465,24 @@ def markdown(r: dict[str, Any]) -> str:
             f"per 2160² field (classical stages): **{r['extrapolation_384x9_2160_16_cores_min']} "
             "min** (CPU only).",
         ]
+    if r.get("learned"):
+        le = r["learned"]
+        where = le.get("gpu") or f"CPU, {le['torch_threads']} torch thread(s)"
+        lines += [
+            "",
+            f"## Learned inference: distance U-Net per {le['size']}² field ({where})",
+            "",
+            "| test-time flips | working field | objects | network wall / CPU s | "
+            "post-processing wall / CPU s |",
+            "|---|---|---|---|---|",
+        ]
+        for run in le["runs"]:
+            lines.append(
+                f"| {'on (4 flips)' if run['tta'] else 'off'} | "
+                f"{run['working_shape'][0]}x{run['working_shape'][1]} | {run['objects']} | "
+                f"{run['network_wall_s']} / {run['network_cpu_s']} | "
+                f"{run['post_wall_s']} / {run['post_cpu_s']} |"
+            )
     lines += ["", *[f"- {f}" for f in r.get("findings", [])]]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -24,3 +24,14 @@ def test_stage_timing_and_process_tree_measurement(shared_data: Path, tmp_path: 
     )
     assert run["cpu_s"] > 0 and run["peak_rss_mb"] > 50
     assert list((tmp_path / "t" / "cells").rglob("*.parquet"))
+
+
+def test_learned_inference_timing(shared_data: Path) -> None:
+    """The learned-inference child trains a few steps and times network and post-processing
+    on one field (the full run: 2160², with and without test-time flips)."""
+    dataset(shared_data, "cellprofiler-human")
+    out = plate_speed.learned_inference("cpu", 256, 2, "0")
+    assert out["device"] == "cpu" and out["torch_threads"] == 1
+    (run,) = out["runs"]
+    assert run["tta"] is False and run["network_cpu_s"] > 0 and run["post_cpu_s"] >= 0
+    assert run["working_shape"][0] >= 256

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 from scipy.special import expit
-from skimage import filters, morphology, segmentation
+from skimage import filters, segmentation
 from torch import nn
 
 from hcsseg.errors import InputDataError, ModelError
@@ -43,6 +43,7 @@ from hcsseg.learning.networks import (
 from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.classical import drop_small_objects
 from hcsseg.segment.distance import distance_to_background
+from hcsseg.segment.parts import h_maxima_by_component, watershed_by_component
 from hcsseg.segment.scale import (
     estimate_diameter,
     median_diameter,
@@ -484,12 +485,19 @@ def segment_distance_unet(
 def instances_from_distance(
     dist: np.ndarray, mask: np.ndarray, *, h: float, sigma: float, min_area: int
 ) -> np.ndarray:
-    """Watershed of -distance from its h-maxima, inside `mask`; uint32 ids 1..N."""
+    """Watershed of -distance from its h-maxima, inside `mask`; uint32 ids 1..N.
+
+    Both run on each connected part of `mask` alone (`hcsseg.segment.parts`): what the
+    network predicts outside the foreground never merges or suppresses a seed inside it,
+    and a 4356² working field (a 2160² plate field enlarged 2x) is done in a fraction of
+    the time of one whole-image h-maxima and watershed."""
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.uint32)
     smooth = filters.gaussian(dist, sigma=sigma) if sigma > 0 else dist
-    seeds, _ = ndi.label(morphology.h_maxima(smooth, h).astype(bool) & mask)
-    return finish_labels(segmentation.watershed(-smooth, seeds, mask=mask), mask, min_area)
+    inside = np.where(mask, np.maximum(smooth, np.finfo(np.float32).tiny), 0.0)
+    seeds, _ = ndi.label(h_maxima_by_component(inside, h) & mask)
+    labels = watershed_by_component(-smooth, seeds, mask)
+    return finish_labels(labels, mask, min_area)
 
 
 def finish_labels(labels: np.ndarray, mask: np.ndarray, min_area: int) -> np.ndarray:
