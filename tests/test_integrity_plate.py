@@ -21,6 +21,7 @@ from flows.virtual_stain import virtual_stain_plate
 from hcsseg.config import ProcessConfig
 from hcsseg.demo import synthetic_field, synthetic_plate
 from hcsseg.errors import HcssegError, PlateFormatError
+from hcsseg.export.ngio_tables import field_table_path
 from hcsseg.io.labels import write_labels
 from hcsseg.io.plate import open_plate
 from hcsseg.io.plate_lock import lock_paths, plate_write_lock
@@ -80,6 +81,17 @@ def test_overwritten_labels_make_the_well_redone(tmp_path: Path) -> None:
     assert well_is_done(plan, "B02", plate)
     write_labels(plate, ref, "cells", np.zeros(plate.field_shape(ref), np.uint32))
     assert not well_is_done(plan, "B02", plate)
+
+
+def test_a_well_without_its_field_tables_is_redone(tmp_path: Path) -> None:
+    """ngio/Fractal read each field's table in the plate: a well whose run died before
+    writing them (or whose tables were deleted) is not done."""
+    plan = _processed(tmp_path / "p.zarr", tmp_path / "tables", wells=("B02",))
+    ref = open_plate(plan.plate_url).fields("B02")[0]
+    table = field_table_path(plan.plate_url, ref)
+    assert table.is_file() and well_is_done(plan, "B02")
+    table.unlink()
+    assert not well_is_done(plan, "B02")
 
 
 def test_done_markers_do_not_depend_on_the_working_directory(

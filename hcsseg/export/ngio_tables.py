@@ -48,6 +48,11 @@ def table_attrs(region: str, columns: list[str]) -> dict[str, Any]:
     }
 
 
+def field_table_path(plate_url: str, ref: FieldRef, name: str = TABLE_NAME) -> Path:
+    """Where a field's feature table `name` keeps its rows."""
+    return Path(plate_url) / ref.path / "tables" / name / PARQUET_FILE
+
+
 def write_field_table(
     plate_url: str,
     ref: FieldRef,
@@ -66,7 +71,7 @@ def write_field_table(
     group = tables.require_group(name)
     path = write_parquet(
         table,
-        Path(plate_url) / ref.path / "tables" / name / PARQUET_FILE,
+        field_table_path(plate_url, ref, name),
         metadata={"field": ref.path, **(metadata or {})},
     )
     group.attrs.update(table_attrs(region, list(table.columns)))

@@ -25,7 +25,7 @@ import pandas as pd
 
 from hcsseg.config import CELL_NAMES, NUCLEUS_NAMES, ProcessConfig
 from hcsseg.errors import ChannelNotFoundError, HcssegError, InputDataError, ModelError
-from hcsseg.export.ngio_tables import write_well_field_tables
+from hcsseg.export.ngio_tables import field_table_path, write_well_field_tables
 from hcsseg.export.tables import read_table, safe_name, write_parquet, write_well_table
 from hcsseg.io.labels import remove_stale_temporaries, write_labels
 from hcsseg.io.plate import FieldRef, Plate, check_writable, content_stamp, open_plate
@@ -273,7 +273,8 @@ def well_stamps(plate: Plate, well: str) -> dict[str, dict[str, str]]:
 
 def well_is_done(plan: PlatePlan, well: str, plate: Plate | None = None) -> bool:
     """A well counts as done only if its marker (written last) matches this config, the
-    field images it was computed from, the labels it wrote and its tables still exist.
+    field images it was computed from, the labels it wrote and its tables (the Parquet files
+    and each field's ngio table in the plate) still exist.
 
     A plate re-imported or re-stained at the same path, or labels overwritten since, make
     the well be redone rather than reported from stale tables."""
@@ -288,9 +289,13 @@ def well_is_done(plan: PlatePlan, well: str, plate: Plate | None = None) -> bool
     if not all((root / t).exists() for t in marker.get("tables", [None])):
         return False
     try:
-        current = well_stamps(plate or open_plate(plan.plate_url), well)
+        plate = plate or open_plate(plan.plate_url)
+        current = well_stamps(plate, well)
+        refs = plate.fields(well)
     except (KeyError, OSError, HcssegError):  # the well or a field is gone or unreadable
         return False
+    if not all(field_table_path(plan.plate_url, ref).is_file() for ref in refs):
+        return False  # e.g. done by a run that died before writing them
     return marker.get("stamps") == current
 
 
