@@ -56,6 +56,14 @@ def pretrain_virtual_staining(
 
 
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seed", type=int, default=0, help="seed of every training (0: the default)")
+    seed = p.parse_args().seed
+    global TRAIN_OPTS, SEG_OPTS
+    TRAIN_OPTS = TRAIN_OPTS.model_copy(update={"seed": seed})
+    SEG_OPTS = SEG_OPTS.model_copy(update={"train": TRAIN_OPTS})
     setup()
     data = load_pairs(DATA / "dense-cells", extra=["dapi"])
     order = hash_order(list(data))
@@ -124,7 +132,7 @@ def main() -> None:
         for init in ("virtual staining", "virtual staining, encoder only")
     }
     write_result(
-        "isl_pretraining",
+        "isl_pretraining" + (f"_seed{seed}" if seed else ""),
         {
             "setup": (
                 "dense-cells, cell segmentation from the surface stain only (distance U-Net, "
