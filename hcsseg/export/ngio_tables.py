@@ -83,11 +83,9 @@ def write_field_table(
 
 def write_well_field_tables(
     plate_url: str, refs: Sequence[FieldRef], cells: pd.DataFrame, *, source: Path
-) -> int:
+) -> None:
     """Each field of one well gets its rows of the well's cell table (`Metadata_Site` picks
-    them) as its feature table; `source` is the well's Parquet file, named in the metadata.
-    Returns how many tables were written."""
+    them) as its feature table; `source` is the well's Parquet file, named in the metadata."""
     for ref in refs:
         rows = cells[cells["Metadata_Site"] == ref.site]
         write_field_table(plate_url, ref, rows, metadata={"source_table": str(source)})
-    return len(refs)

@@ -555,12 +555,12 @@ class EmbeddedServer:
         )
         self._forget()
         self._entry = _register_server(self.process.pid, self.port)
-        atexit.register(self.stop)  # an exit that skips prefect_api's cleanup
 
     def start(self, timeout: float) -> None:
         """Launch and wait until `/health` answers; RuntimeError after `timeout` s."""
         import httpx
 
+        atexit.register(self.stop)  # an exit that skips prefect_api's cleanup
         self._launch()
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:

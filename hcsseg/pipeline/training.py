@@ -376,6 +376,8 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         )
         history.pop("snapshots", None)
         card = {"options": tuned.model_dump(mode="json")}
+    from hcsseg.learning.loop import thin_curve  # torch: only once a model was trained
+
     card |= {
         "method": config.method,
         "compartment": config.compartment,
@@ -390,14 +392,8 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         "plate": plate.name,
         "plate_url": str(plate_url),
         "history": {k: v for k, v in history.items() if k != "loss"},
-        "loss_curve": _thin(history.get("loss", [])),
+        "loss_curve": thin_curve(history.get("loss", [])),
     }
     model_id = save_model(store, config.kind(), state, card)
     log.info("stored %s model %s", config.kind(), model_id)
     return model_id
-
-
-def _thin(values: list[float]) -> list[float]:
-    from hcsseg.learning.loop import thin_curve  # torch: only once a model was trained
-
-    return thin_curve(values)
