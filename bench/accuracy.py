@@ -496,8 +496,8 @@ def targets(results: dict[str, Any]) -> list[str]:
                 den[1]["ap50_image_mean"] >= 0.55,
             )
         )
-    if free := _best(secs.get("dense_free")):
-        base = _best(secs.get("dense"), "classical")
+    if free := _best(secs.get("dense_free"), "annotation-free"):
+        base = _best(secs.get("dense_free"), "classical")
         rows.append(
             (
                 "5 dense cells, annotation-free",

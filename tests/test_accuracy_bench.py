@@ -44,3 +44,13 @@ def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
     assert nuclei["classical (estimated scale)"]["ap50_image_mean"] > 0.5
     report = (tmp_path / "accuracy_quick.md").read_text()
     assert "## Nuclei" in report and "## Dense cells" in report
+
+    # the full report opens with issue 10's targets, each judged from the measured numbers
+    sys.path.insert(0, str(REPO / "bench"))
+    import accuracy
+
+    table = "\n".join(accuracy.targets(result))
+    row = next(line for line in table.splitlines() if line.startswith("| 3 nuclei"))
+    ok = nuclei["distance U-Net (resnet18, random init)"]["ap50_image_mean"] >= 0.82
+    assert row.endswith("| yes |" if ok else "| no |")
+    assert "| 9 GPU figures | accuracy.py --device cuda on a lent GPU | cpu | – | no |" in table
