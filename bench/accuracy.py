@@ -365,37 +365,34 @@ def dense_free(args: argparse.Namespace) -> dict[str, Any]:
     )
     train_fields = [s for s in order if s not in test]
 
-    def yu_lab(opts: UnsupervisedOptions, fields: Sequence[str]) -> tuple[dict, dict, list]:
-        """Train on all 7 fields (no labels) and segment `fields`."""
-        rec: dict = {}
-        with timed(rec, "train"):
-            state, hist = train_unsupervised(
-                [stacks[s] for s in order],
-                [markers[s] for s in order],
-                [masks[s] for s in order],
-                options=opts,
-            )
-        with timed(rec, "predict"):
-            preds = [
-                segment_unsupervised(state, stacks[s], markers[s], options=opts) for s in fields
-            ]
-        return rec, hist, preds
+    def segment(state: dict, opts: UnsupervisedOptions, fields: Sequence[str]) -> list:
+        return [segment_unsupervised(state, stacks[s], markers[s], options=opts) for s in fields]
 
     # λ (overlap) and β (outside M) picked on the 5 training fields' annotation, never the
     # test fields' (issue 10 item 5); the grid brackets the paper's 3.32 and 15.
     grid = [(lam, beta) for lam in (1.0, 3.32, 10.0) for beta in (5.0, 15.0, 30.0)]
     if args.quick:
         grid = grid[:1]
-    tuning = {}
+    runs, tuning = [], {}
     for lam, beta in grid:
         opts = base.model_copy(update={"overlap_weight": lam, "background_weight": beta})
-        _, _, preds = yu_lab(opts, train_fields)
+        rec = {}
+        with timed(rec, "train"):  # on all 7 fields, no labels
+            state, hist = train_unsupervised(
+                [stacks[s] for s in order],
+                [markers[s] for s in order],
+                [masks[s] for s in order],
+                options=opts,
+            )
+        preds = segment(state, opts, train_fields)
         tuning[f"{lam:g}/{beta:g}"] = score(
             preds, [data[s]["lab"] for s in train_fields], train_fields
         )["ap50_image_mean"]
-    lam, beta = grid[int(np.argmax(list(tuning.values())))]
-    unsup = base.model_copy(update={"overlap_weight": lam, "background_weight": beta})
-    rec, hist, preds = yu_lab(unsup, test)
+        runs.append((opts, rec, state, hist))
+    best = int(np.argmax(list(tuning.values())))
+    (lam, beta), (unsup, rec, state, hist) = grid[best], runs[best]
+    with timed(rec, "predict"):
+        preds = segment(state, unsup, test)
     methods["annotation-free: Yu-lab model, stain-gated DAPI markers"] = (
         score(preds, truths, test)
         | rec
@@ -463,7 +460,10 @@ def targets(results: dict[str, Any]) -> list[str]:
     """Issue 10's targets against what this file and the virtual-staining and ISL benchmarks
     measured (each number from its own result file; the baseline from the same run)."""
     secs = results["sections"]
-    rows: list[tuple[str, str, str, str, bool | None]] = []
+    rows: list[tuple[str, str, str, str, bool]] = []
+
+    def add(item: str, target: str, best: str, baseline: str, met: bool) -> None:
+        rows.append((item, target, best, baseline, met))
 
     def ap(r: dict[str, Any]) -> str:
         return f"{r['ap50_image_mean']:.3f} / {r['ap_mean_image_mean']:.3f}"
@@ -473,62 +473,52 @@ def targets(results: dict[str, Any]) -> list[str]:
     ):
         r = nuc[1]
         ok = r["ap50_image_mean"] >= 0.82 and r["ap_mean_image_mean"] >= 0.60
-        rows.append(
-            (
-                "3 nuclei (DSB, 40 test fields)",
-                "AP@0.5 ≥ 0.82, mean AP ≥ 0.60",
-                f"{nuc[0]}: {ap(r)}",
-                f"{cls[0]}: {ap(cls[1])}",
-                ok,
-            )
+        add(
+            "3 nuclei (DSB, 40 test fields)",
+            "AP@0.5 ≥ 0.82, mean AP ≥ 0.60",
+            f"{nuc[0]}: {ap(r)}",
+            f"{cls[0]}: {ap(cls[1])}",
+            ok,
         )
     if (den := _best(secs.get("dense"), "distance")) and (
         cls := _best(secs.get("dense"), "classical")
     ):
         peer = _best(secs.get("dense_cellpose"))
         extra = f"; Cellpose peer {ap(peer[1])}" if peer else ""
-        rows.append(
-            (
-                "4 dense cells, supervised",
-                "AP@0.5 ≥ 0.55",
-                f"{den[0]}: {ap(den[1])}",
-                f"{cls[0]}: {ap(cls[1])}{extra}",
-                den[1]["ap50_image_mean"] >= 0.55,
-            )
+        add(
+            "4 dense cells, supervised",
+            "AP@0.5 ≥ 0.55",
+            f"{den[0]}: {ap(den[1])}",
+            f"{cls[0]}: {ap(cls[1])}{extra}",
+            den[1]["ap50_image_mean"] >= 0.55,
         )
     if free := _best(secs.get("dense_free"), "annotation-free"):
         base = _best(secs.get("dense_free"), "classical")
-        rows.append(
-            (
-                "5 dense cells, annotation-free",
-                "AP@0.5 ≥ 0.40",
-                f"{free[0]}: {ap(free[1])}",
-                f"{base[0]}: {ap(base[1])}" if base else "–",
-                free[1]["ap50_image_mean"] >= 0.40,
-            )
+        add(
+            "5 dense cells, annotation-free",
+            "AP@0.5 ≥ 0.40",
+            f"{free[0]}: {ap(free[1])}",
+            f"{base[0]}: {ap(base[1])}" if base else "–",
+            free[1]["ap50_image_mean"] >= 0.40,
         )
     if isl := _json("virtual_stain_isl_cpu-isl-mask.json"):
         m, b = isl["summary"]["model"], isl["summary"]["baseline"]
-        rows.append(
-            (
-                "6 ISL markers, unseen third",
-                "FN and FP within 15 µm ≤ 10 % each",
-                f"mask target: FN {m['fn_rate_15um']:.3f}, FP {m['fp_rate_15um']:.3f}",
-                f"smoothed phase: FN {b['fn_rate_15um']:.3f}, FP {b['fp_rate_15um']:.3f}",
-                max(m["fn_rate_15um"], m["fp_rate_15um"]) <= 0.10,
-            )
+        add(
+            "6 ISL markers, unseen third",
+            "FN and FP within 15 µm ≤ 10 % each",
+            f"mask target: FN {m['fn_rate_15um']:.3f}, FP {m['fp_rate_15um']:.3f}",
+            f"smoothed phase: FN {b['fn_rate_15um']:.3f}, FP {b['fp_rate_15um']:.3f}",
+            max(m["fn_rate_15um"], m["fp_rate_15um"]) <= 0.10,
         )
     if dm := _json("virtual_stain_dense_cpu-dense-cells.json"):
         m, b = dm["summary"]["model"], dm["summary"]["baseline"]
-        rows.append(
-            (
-                "6 dense markers per labelled cell",
-                "recall and precision ≥ 0.85",
-                f"virtual DAPI: {m['cell_marker_recall']:.3f} / {m['cell_marker_precision']:.3f}",
-                f"smoothed surface stain: {b['cell_marker_recall']:.3f} / "
-                f"{b['cell_marker_precision']:.3f}",
-                min(m["cell_marker_recall"], m["cell_marker_precision"]) >= 0.85,
-            )
+        add(
+            "6 dense markers per labelled cell",
+            "recall and precision ≥ 0.85",
+            f"virtual DAPI: {m['cell_marker_recall']:.3f} / {m['cell_marker_precision']:.3f}",
+            f"smoothed surface stain: {b['cell_marker_recall']:.3f} / "
+            f"{b['cell_marker_precision']:.3f}",
+            min(m["cell_marker_recall"], m["cell_marker_precision"]) >= 0.85,
         )
     seeds = [d for d in (_json("isl_pretraining.json"), _json("isl_pretraining_seed1.json")) if d]
     if seeds:
@@ -540,24 +530,20 @@ def targets(results: dict[str, Any]) -> list[str]:
             (n, mean(f"{n} field(s), random init"), mean(f"{n} field(s), virtual staining init"))
             for n in (1, 5)
         ]
-        rows.append(
-            (
-                f"7 ISL pretraining (dense, mean of {len(seeds)} seeds)",
-                "virtual-staining init ≥ random init at 1 and 5 fields",
-                ", ".join(f"{n} field(s): {v:.3f}" for n, _, v in pairs),
-                "random: " + ", ".join(f"{n} field(s): {r:.3f}" for n, r, _ in pairs),
-                all(v >= r for _, r, v in pairs),
-            )
+        add(
+            f"7 ISL pretraining (dense, mean of {len(seeds)} seeds)",
+            "virtual-staining init ≥ random init at 1 and 5 fields",
+            ", ".join(f"{n} field(s): {v:.3f}" for n, _, v in pairs),
+            "random: " + ", ".join(f"{n} field(s): {r:.3f}" for n, r, _ in pairs),
+            all(v >= r for _, r, v in pairs),
         )
     devices = {sec["machine"]["device"] for sec in secs.values()}
-    rows.append(
-        (
-            "9 GPU figures",
-            "accuracy.py --device cuda on a lent GPU",
-            ", ".join(sorted(devices)),
-            "–",
-            any(d.startswith("cuda") for d in devices),
-        )
+    add(
+        "9 GPU figures",
+        "accuracy.py --device cuda on a lent GPU",
+        ", ".join(sorted(devices)),
+        "–",
+        any(d.startswith("cuda") for d in devices),
     )
     lines = [
         "## Targets at a glance (issue 10)",
