@@ -103,7 +103,7 @@ def learned_run(
         }
     curve = []
     for step, snap in sorted(hist.get("snapshots", {}).items()):
-        if step == hist["steps"] and not hist.get("best_val_loss"):
+        if step == hist["kept_step"]:
             s = result
         else:
             s = score([segment_fn(snap, im, options=final) for im in test_images], truths, names)
@@ -112,6 +112,7 @@ def learned_run(
         )
     return result | {
         "steps": hist["steps"],
+        "kept_step": hist.get("kept_step"),
         "train_loop_wall_s": round(hist["seconds"], 1),
         "train_loop_cpu_s": round(hist["cpu_seconds"], 1),
         "tuned": hist.get("tuned_options", {}),

@@ -402,6 +402,14 @@ def _history(card: dict[str, Any]) -> dict[str, Any]:
     return history if isinstance(history, dict) else {}
 
 
+def _kept(history: dict[str, Any]) -> str | None:
+    """Which weights training kept: the last, or an earlier check that was clearly better."""
+    kept, steps = history.get("kept_step"), history.get("steps")
+    if kept is None:
+        return None
+    return f"step {kept}" + (" (last)" if kept == steps else " (clearly lower validation loss)")
+
+
 def _number(value: Any) -> float | None:
     """A finite number from a card (JSON or numpy), else None."""
     if isinstance(value, bool | np.bool_) or not isinstance(
@@ -607,10 +615,18 @@ def training_report(card: dict[str, Any], *, dpi: int = 80) -> str:
         ("init", _init(card)),
         ("parent model", _parent(card)),
         ("best validation loss", _number(history.get("best_val_loss"))),
+        ("weights kept", _kept(history)),
         ("validation score", _number(history.get("validation_score"))),
         ("final training loss", _number(card.get("final_train_loss"))),
     ]
-    optional = {"labels", "plate", "parent model", "validation score", "final training loss"}
+    optional = {
+        "labels",
+        "plate",
+        "parent model",
+        "weights kept",
+        "validation score",
+        "final training loss",
+    }
     rows = [(k, v) for k, v in rows if k not in optional or not _missing(v)]
     lines = [f"# Training: {card.get('model_id', 'model')}", "", *md_table(["", ""], rows)]
     if has_training_curve(card):

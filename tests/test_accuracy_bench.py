@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from tests.conftest import REPO, dataset
 
 
@@ -54,3 +56,15 @@ def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
     ok = nuclei["distance U-Net (resnet18, random init)"]["ap50_image_mean"] >= 0.82
     assert row.endswith("| yes |" if ok else "| no |")
     assert "| 9 GPU figures | accuracy.py --device cuda on a lent GPU | cpu | – | no |" in table
+
+
+def test_holdout_tuning_rule_moves_only_on_a_lead_of_the_asked_size() -> None:
+    """bench/holdout_nuclei.py replays tune_postprocessing's rule at several leads."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import holdout_nuclei
+
+    ref = np.array([0.5, 0.6, 0.7, 0.8])
+    val = {"ref": ref, "noisy": ref + np.array([0.2, -0.1, 0.15, -0.05]), "clear": ref + 0.01}
+    assert holdout_nuclei._pick(val, ["ref", "noisy"], "ref", 0.0) == "noisy"
+    assert holdout_nuclei._pick(val, ["ref", "noisy"], "ref", 2.0) == "ref"
+    assert holdout_nuclei._pick(val, ["ref", "clear"], "ref", 2.0) == "clear"

@@ -143,6 +143,7 @@ def test_segmentation_training_report_shows_loss_and_validation(seg_card):
     assert f"| steps | {seg_card['history']['steps']}" in md
     assert re.search(r"\| seconds \| \d+\.\d on cpu \|", md)
     assert "| best validation loss |" in md and "| init | random" in md
+    assert re.search(r"\| weights kept \| step \d+ \((last|clearly lower validation loss)\) \|", md)
     assert "held out for validation" in md
     (image,) = _pngs(md)
     _decode(image)

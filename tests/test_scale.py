@@ -182,3 +182,41 @@ def test_tta_averages_flips() -> None:
         model, img[:, :, ::-1].copy(), device=torch.device("cpu"), tile=64, tta=True
     )
     assert np.allclose(tta[:, :, ::-1], flipped, atol=1e-5)
+
+
+def test_scale_search_escapes_a_field_the_network_shatters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A texture fools the first estimate into a 4x enlargement; a network shown objects
+    larger than it learnt returns fragments, which measure small and would call for an even
+    larger scale. The smaller looks find the scale where objects come out canonical."""
+    import torch
+
+    from hcsseg.evaluate.metrics import instance_metrics
+    from hcsseg.segment import distance_unet
+    from hcsseg.segment.distance_unet import normalized_distance
+    from hcsseg.segment.scale import scaled_shape
+
+    image, truth = discs((192, 192), 24, seed=3)
+    opts = DistanceUNetOptions(tta=False)  # canonical 24 px: the right factor is 1
+
+    def network(
+        model: object, norm: np.ndarray, factor: float, options: DistanceUNetOptions
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert options.canonical_diameter is not None
+        lab = resize_labels(truth, scaled_shape(norm.shape, factor))
+        if median_diameter(lab) > 1.3 * options.canonical_diameter:
+            frag = np.zeros_like(lab)
+            k = 0
+            for y in range(4, lab.shape[0], 12):
+                for x in range(4, lab.shape[1], 12):
+                    if lab[y, x]:
+                        k += 1
+                        frag[disk((y, x), 4, shape=lab.shape)] = k
+            lab = frag
+        return normalized_distance(lab), (lab > 0).astype(np.float32)
+
+    monkeypatch.setattr(distance_unet, "_predict_at", network)
+    monkeypatch.setattr(distance_unet, "field_factor", lambda norm, options: 4.0)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Conv2d(1, 2, 3)})  # only its channels
+    pred = segment_distance_unet(model, image, options=opts)
+    res = instance_metrics(pred, truth)
+    assert float(res.ap[0]) > 0.9 and res.n_pred == int(truth.max())

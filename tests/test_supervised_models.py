@@ -10,7 +10,7 @@ import tifffile
 import torch
 
 from hcsseg.errors import InputDataError, ModelError
-from hcsseg.learning import devices, networks
+from hcsseg.learning import devices, loop, networks
 from hcsseg.learning.data import validate_labels
 from hcsseg.learning.networks import transfer_weights
 from hcsseg.learning.options import TrainOptions
@@ -141,6 +141,53 @@ def test_distance_unet_early_stopping(dsb_pairs: list) -> None:
     _, hist = train_distance_unet(images, labels, options=opts)
     assert hist["val_step"] and hist["steps"] <= 30
     assert hist["best_val_loss"] == min(hist["val_loss"])
+    assert hist["kept_step"] in (hist["steps"], hist["val_step"][int(np.argmin(hist["val_loss"]))])
+
+
+class _LineSampler:
+    """y = slope * x crops for a 1-parameter model; `fixed` gives the validation batches."""
+
+    def __init__(self, slope: float, seed: int) -> None:
+        self.slope, self.gen = slope, torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 1, generator=self.gen)
+        return x, self.slope * x
+
+    def fixed(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.sample(4) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("val_slope", "kept"), [(2.0, "last"), (-2.0, "first check")])
+def test_fit_keeps_last_weights_unless_an_earlier_check_was_clearly_better(
+    val_slope: float, kept: str
+) -> None:
+    """Training towards y = 2x: validation on the same line keeps the last weights; on
+    y = -2x every step makes validation worse, so the first check's weights come back."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    opts = TrainOptions(
+        n_steps=40, learning_rate=0.1, warmup_steps=0, val_every=10, patience=10, val_crops=8
+    )
+    sampler, val = _LineSampler(2.0, 1), _LineSampler(val_slope, 2)
+    loss = torch.nn.functional.mse_loss
+    hist = loop.fit(model, loss, sampler, opts, val_sampler=val)  # type: ignore[arg-type]
+    assert hist["steps"] == 40 and hist["val_step"] == [10, 20, 30, 40]
+    weight = float(model.weight.item())
+    if kept == "last":
+        assert hist["kept_step"] == 40 and weight > 1.0
+    else:
+        assert hist["kept_step"] == 10 and 0.0 < weight < 1.0
+        assert hist["best_val_loss"] == hist["val_loss"][0] < hist["val_loss"][-1]
+
+
+def test_clearly_lower_needs_a_lead_above_one_standard_error() -> None:
+    last = np.array([1.0, 1.2, 0.8, 1.1])
+    assert loop.clearly_lower(last - 0.2, last)
+    assert not loop.clearly_lower(last + np.array([-0.3, 0.3, -0.3, 0.25]), last)
+    assert not loop.clearly_lower(last, last)
 
 
 def test_fpn2ws_trains_and_segments(dsb_pairs: list) -> None:

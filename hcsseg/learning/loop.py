@@ -1,5 +1,6 @@
 """The training loop every per-plate model shares: a fixed step budget (not epochs),
-AdamW with warm-up and cosine decay, early stopping on held-out crops, the best weights kept.
+AdamW with warm-up and cosine decay, early stopping on held-out crops; the last weights are
+kept unless an earlier check was clearly better.
 """
 
 from __future__ import annotations
@@ -50,8 +51,15 @@ def fit(
     *,
     val_sampler: CropSampler | None = None,
 ) -> dict[str, Any]:
-    """AdamW with warm-up and cosine decay; returns the history and leaves the best weights
-    (lowest validation loss, or the last step without validation) in `model`."""
+    """AdamW with warm-up and cosine decay; returns the history and leaves the kept weights
+    in `model`.
+
+    The last weights are kept unless the check with the lowest validation loss beat the last
+    check by more than one standard error of their per-crop differences: the loss on a few
+    fixed crops is noisy in the cosine tail, where the learning rate has decayed and the
+    last weights are the settled ones (on held-out DSB training fields the last of six
+    snapshots segmented best for both seeds tried). An earlier check that is clearly better
+    means the model overfits, and then it comes back. `history["kept_step"]` says which."""
     device = select_device(options.device)
     model.to(device)
     opt = torch.optim.AdamW(
@@ -60,7 +68,8 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(options))
     val_batches = val_sampler.fixed(options.val_crops) if val_sampler is not None else []
     history: dict[str, Any] = {"loss": [], "val_loss": [], "val_step": [], "device": str(device)}
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    best: tuple[np.ndarray, int, dict[str, torch.Tensor]] | None = None
+    last: np.ndarray | None = None
     stale = 0
     t0, cpu0 = time.perf_counter(), time.process_time()
     step = 0
@@ -83,19 +92,22 @@ def fit(
                 k: t.detach().cpu().clone() for k, t in model.state_dict().items()
             }
         if val_batches and (step % options.val_every == 0 or step == options.n_steps):
-            v = evaluate_loss(model, loss_fn, val_batches, device, options.amp)
-            history["val_loss"].append(v)
+            last = crop_losses(model, loss_fn, val_batches, device, options.amp)
+            history["val_loss"].append(float(last.mean()))
             history["val_step"].append(step)
-            if best is None or v < best[0]:
-                best = (v, {k: t.detach().clone() for k, t in model.state_dict().items()})
+            if best is None or last.mean() < best[0].mean():
+                best = (last, step, {k: t.detach().clone() for k, t in model.state_dict().items()})
                 stale = 0
             else:
                 stale += 1
                 if stale >= options.patience:
                     break
-    if best is not None:
-        model.load_state_dict(best[1])
-        history["best_val_loss"] = best[0]
+    history["kept_step"] = step
+    if best is not None and last is not None:
+        history["best_val_loss"] = float(best[0].mean())
+        if clearly_lower(best[0], last):
+            model.load_state_dict(best[2])
+            history["kept_step"] = best[1]
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - cpu0
@@ -103,21 +115,30 @@ def fit(
     return history
 
 
-def evaluate_loss(
+def crop_losses(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     amp: bool = True,
-) -> float:
+) -> np.ndarray:
+    """The loss of each fixed validation batch."""
     model.eval()
-    total = 0.0
+    out = []
     with torch.no_grad():
         for x, y in batches:
             with autocast(device, amp):
-                out = model(x.to(device))
-            total += float(loss_fn(out.float(), y.to(device)).item())
-    return total / len(batches)
+                pred = model(x.to(device))
+            out.append(float(loss_fn(pred.float(), y.to(device)).item()))
+    return np.asarray(out)
+
+
+def clearly_lower(best: np.ndarray, last: np.ndarray) -> bool:
+    """Whether `best`'s per-crop losses undercut `last`'s by more than one standard error
+    of the paired differences (a single crop cannot tell, so then the lower mean wins)."""
+    diff = last - best
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return float(diff.mean()) > se
 
 
 def _warmup_cosine(options: TrainOptions) -> Callable[[int], float]:
