@@ -32,6 +32,7 @@ from hcsseg.segment.distance_unet import (
     MIN_AREA_GRID,
     THRESHOLD_GRID,
     DistanceUNetOptions,
+    clear_winner,
     labels_from_maps,
     min_area_px,
     predict_distance_unet,
@@ -120,10 +121,7 @@ def _ap(pred: np.ndarray, truth: np.ndarray) -> list[float]:
 
 def _pick(val: dict[str, np.ndarray], keys: list[str], reference: str, lead: float) -> str:
     """tune_postprocessing's rule with a given lead in standard errors."""
-    best = max(keys, key=lambda k: float(val[k].mean()))
-    diff = val[best] - val[reference]
-    se = float(diff.std(ddof=1) / np.sqrt(diff.size))
-    return best if float(diff.mean()) > lead * se else reference
+    return clear_winner({k: val[k] for k in keys}, reference, lead)
 
 
 def summary(args: argparse.Namespace) -> None:

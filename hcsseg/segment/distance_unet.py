@@ -348,26 +348,29 @@ def tune_postprocessing(
             out.append((float(res.ap[0]) + res.mean_ap) / 2)
         return np.nan_to_num(np.asarray(out))
 
-    def pick(candidates: dict[Any, np.ndarray], reference: Any) -> Any:
-        best = max(candidates, key=lambda k: float(candidates[k].mean()))
-        diff = candidates[best] - candidates[reference]
-        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-        return best if float(diff.mean()) > LEAD_SE * se else reference
-
     area = min_area_px(options)
     ref = (options.h, options.foreground_threshold)
     grid = {(h, t): scores(h=h, threshold=t, min_area=area) for h in H_GRID for t in THRESHOLD_GRID}
     if ref not in grid:
         grid[ref] = scores(h=ref[0], threshold=ref[1], min_area=area)
-    h, thr = pick(grid, ref)
+    h, thr = clear_winner(grid, ref)
     areas = {a: scores(h=h, threshold=thr, min_area=a) for a in {*MIN_AREA_GRID, area}}
-    area = pick(areas, area)
+    area = clear_winner(areas, area)
     return {
         "h": h,
         "foreground_threshold": thr,
         "min_area": area,
         "validation_score": round(float(areas[area].mean()), 4),
     }
+
+
+def clear_winner(candidates: dict[Any, np.ndarray], reference: Any, lead: float = LEAD_SE) -> Any:
+    """The candidate with the best mean per-field score when it leads `reference` by more
+    than `lead` standard errors of the per-field differences, else `reference`."""
+    best = max(candidates, key=lambda k: float(candidates[k].mean()))
+    diff = candidates[best] - candidates[reference]
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return best if float(diff.mean()) > lead * se else reference
 
 
 @dataclass
@@ -405,7 +408,14 @@ def predict_distance_unet(
         raise InputDataError(f"the model expects {want} channel(s); the image has {norm.shape[0]}")
     shape = (int(norm.shape[1]), int(norm.shape[2]))
     factor = field_factor(norm, opts)
-    maps = FieldMaps(*_predict_at(model, norm, factor, opts), shape)
+
+    def look_at(f: float) -> FieldMaps:
+        return FieldMaps(*_predict_at(model, norm, f, opts), shape)
+
+    def nearer(d: float | None, than: float | None) -> bool:
+        return d is not None and (than is None or _off(d, opts) < _off(than, opts))
+
+    maps = look_at(factor)
     if opts.canonical_diameter is None or not opts.refine_scale:
         return maps
     diameter = _working_diameter(maps, opts)
@@ -422,9 +432,9 @@ def predict_distance_unet(
         for f in (factor / 2, factor / 4):
             if min(scaled_shape(norm.shape, f)) < MIN_LOOK_SIDE:
                 break
-            look = FieldMaps(*_predict_at(model, norm, f, opts), shape)
+            look = look_at(f)
             d = _working_diameter(look, opts)
-            if d is not None and (diameter is None or _off(d, opts) < _off(diameter, opts)):
+            if nearer(d, diameter):
                 maps, factor, diameter = look, f, d
     if diameter is not None and _off(diameter, opts) > tolerance:
         # at most 2x either way: a field the first estimate got that wrong is noise
@@ -434,12 +444,10 @@ def predict_distance_unet(
                 scale_factor(diameter / factor, opts.canonical_diameter), factor / 2, factor * 2
             )
         )
-        look = FieldMaps(*_predict_at(model, norm, better, opts), shape)
-        if not separate:
-            return look
-        # kept only when it lands nearer the canonical size (fragments again would not)
-        d = _working_diameter(look, opts)
-        if d is not None and _off(d, opts) < _off(diameter, opts):
+        look = look_at(better)
+        # for separate objects kept only when it lands nearer the canonical size (fragments
+        # again would not)
+        if not separate or nearer(_working_diameter(look, opts), diameter):
             maps = look
     return maps
 
