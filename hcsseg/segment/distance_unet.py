@@ -49,6 +49,7 @@ from hcsseg.segment.scale import (
     median_diameter,
     resize,
     resize_labels,
+    resize_labels_on_foreground,
     scale_factor,
     scaled_shape,
 )
@@ -525,16 +526,11 @@ def labels_from_maps(
     threshold: float | None = None,
     min_area: int | None = None,
 ) -> np.ndarray:
-    """Instances at the working scale (h, threshold, min_area in its units), resized back."""
-    lab = _instances(
-        maps.dist,
-        maps.fg,
-        options,
-        options.h if h is None else h,
-        options.foreground_threshold if threshold is None else threshold,
-        min_area,
-    )
-    return resize_labels(lab, maps.shape).astype(np.uint32)
+    """Instances at the working scale (h, threshold, min_area in its units), brought back to
+    the field's shape with their edges on the background drawn at its own pixels."""
+    thr = options.foreground_threshold if threshold is None else threshold
+    lab = _instances(maps.dist, maps.fg, options, options.h if h is None else h, thr, min_area)
+    return resize_labels_on_foreground(lab, maps.fg, thr, maps.shape).astype(np.uint32)
 
 
 def segment_distance_unet(
