@@ -92,7 +92,7 @@ def score(args: argparse.Namespace) -> None:
     opts = _options(args.seed)
     labs = [data[s]["lab"] for s in a]
     _, val_idx = split_train_val(len(a), opts.train.val_fraction, seed_everything(args.seed))
-    factors = [scale_factor(median_diameter(labs[i]), 24.0) for i in range(len(a))]
+    factors = [scale_factor(median_diameter(lab), opts.canonical_diameter) for lab in labs]
     prior = float(np.median([f for i, f in enumerate(factors) if i not in val_idx]))
     base = opts.model_copy(update={"prior_factor": prior, "tta": False})
     out: dict[str, dict] = {}

@@ -133,12 +133,16 @@ def crop_losses(
     return np.asarray(out)
 
 
-def clearly_lower(best: np.ndarray, last: np.ndarray) -> bool:
-    """Whether `best`'s per-crop losses undercut `last`'s by more than one standard error
-    of the paired differences (a single crop cannot tell, so then the lower mean wins)."""
-    diff = last - best
+def clear_lead(diff: np.ndarray, lead: float = 1.0) -> bool:
+    """Whether paired differences average above `lead` standard errors of their mean (a
+    single pair cannot tell, so then any positive difference counts)."""
     se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-    return float(diff.mean()) > se
+    return float(diff.mean()) > lead * se
+
+
+def clearly_lower(best: np.ndarray, last: np.ndarray) -> bool:
+    """Whether `best`'s per-crop losses undercut `last`'s by more than one standard error."""
+    return clear_lead(last - best)
 
 
 def _warmup_cosine(options: TrainOptions) -> Callable[[int], float]:

@@ -31,7 +31,7 @@ from torch import nn
 from hcsseg.errors import InputDataError, ModelError
 from hcsseg.learning.data import check_pairs, normalize_percentile, split_train_val
 from hcsseg.learning.devices import seed_everything, select_device
-from hcsseg.learning.loop import LossFn, crop_sampler, fit
+from hcsseg.learning.loop import LossFn, clear_lead, crop_sampler, fit
 from hcsseg.learning.networks import (
     InitKind,
     StateDict,
@@ -369,9 +369,7 @@ def clear_winner(candidates: dict[Any, np.ndarray], reference: Any, lead: float 
     """The candidate with the best mean per-field score when it leads `reference` by more
     than `lead` standard errors of the per-field differences, else `reference`."""
     best = max(candidates, key=lambda k: float(candidates[k].mean()))
-    diff = candidates[best] - candidates[reference]
-    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-    return best if float(diff.mean()) > lead * se else reference
+    return best if clear_lead(candidates[best] - candidates[reference], lead) else reference
 
 
 @dataclass
