@@ -170,7 +170,7 @@ def nuclei(args: argparse.Namespace) -> dict[str, Any]:
                 )
         methods[key] = score(preds, truths, test) | rec
 
-    steps = args.steps or (20 if args.quick else 2400)
+    steps = args.steps or (20 if args.quick else recipe().n_steps)
     opts = unet_options(args, steps)
     methods["distance U-Net (resnet18, random init)"] = learned_run(
         train_fn=train_distance_unet,
@@ -221,7 +221,7 @@ def dense(args: argparse.Namespace) -> dict[str, Any]:
         ]
     methods["classical (DAPI nuclei + propagation)"] = score(preds, truths, test) | rec
     stacks = {s: np.stack([data[s]["img"], data[s]["dapi"]]) for s in order}
-    steps = args.steps or (20 if args.quick else 2400)
+    steps = args.steps or (20 if args.quick else recipe().n_steps)
     opts = unet_options(args, steps, val_fraction=0.2, scale_channel=None)
     methods["distance U-Net, supervised (surface + DAPI)"] = learned_run(
         train_fn=train_distance_unet,
@@ -327,7 +327,7 @@ def dense_free(args: argparse.Namespace) -> dict[str, Any]:
     methods["classical (surface stain only, no nuclei)"] = (
         score([pseudo[s] for s in test], truths, test) | rec
     )
-    steps = args.steps or (20 if args.quick else 2400)
+    steps = args.steps or (20 if args.quick else recipe().n_steps)
     # no labels to tune on: nothing is held out
     opts = unet_options(
         args, steps, val_fraction=0.0, scale_channel=None, tune_postprocessing=False
@@ -472,14 +472,17 @@ def targets(results: dict[str, Any]) -> list[str]:
     if (nuc := _best(secs.get("nuclei"), "distance")) and (
         cls := _best(secs.get("nuclei"), "classical")
     ):
-        r = nuc[1]
-        ok = r["ap50_image_mean"] >= 0.82 and r["ap_mean_image_mean"] >= 0.60
+        # a second seed's run (`--seed 1 --tag seed1`), where there is one, must meet it too
+        runs = [("seed 0", nuc[1])]
+        other = (_json("accuracy_seed1.json") or {}).get("sections", {}).get("nuclei")
+        if second := _best(other, "distance"):
+            runs.append(("seed 1", second[1]))
         add(
             "3 nuclei (DSB, 40 test fields)",
             "AP@0.5 ≥ 0.82, mean AP ≥ 0.60",
-            f"{nuc[0]}: {ap(r)}",
+            f"{nuc[0]}: " + ", ".join(f"{ap(r)} ({name})" for name, r in runs),
             f"{cls[0]}: {ap(cls[1])}",
-            ok,
+            all(r["ap50_image_mean"] >= 0.82 and r["ap_mean_image_mean"] >= 0.60 for _, r in runs),
         )
     if (den := _best(secs.get("dense"), "distance")) and (
         cls := _best(secs.get("dense"), "classical")

@@ -211,6 +211,7 @@ import json, sys, time
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from plate_speed import source_field, variant
+from hcsseg.learning.devices import cpu_has_bf16
 from hcsseg.learning.options import TrainOptions
 from hcsseg.segment.classical import segment_nuclei
 from hcsseg.segment.distance_unet import (
@@ -231,8 +232,11 @@ field = variant(base, 1, size)[0]
 out = {"device": device, "torch_threads": torch.get_num_threads(), "size": size, "runs": []}
 if device == "cuda":
     out["gpu"] = torch.cuda.get_device_name(0)
-for tta in [t == "1" for t in ttas.split(",")]:
-    o = opts.model_copy(update={"tta": tta})
+out["cpu_bf16"] = cpu_has_bf16()
+# bfloat16 where the device has it natively (the shipped default), float32 beside it
+runs = [(t == "1", amp) for t in ttas.split(",") for amp in (True, False)]
+for tta, amp in runs:
+    o = opts.model_copy(update={"tta": tta, "train": train.model_copy(update={"amp": amp})})
     predict_distance_unet(state, field[:256, :256], options=o)  # warm-up (kernels, caches)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -244,7 +248,8 @@ for tta in [t == "1" for t in ttas.split(",")]:
     labels = labels_from_maps(maps, o)
     w2, c2 = time.perf_counter(), time.process_time()
     out["runs"].append({
-        "tta": tta, "working_shape": list(maps.dist.shape), "objects": int(labels.max()),
+        "tta": tta, "amp": amp, "working_shape": list(maps.dist.shape),
+        "objects": int(labels.max()),
         "network_wall_s": round(w1 - w, 2), "network_cpu_s": round(c1 - c, 2),
         "post_wall_s": round(w2 - w1, 2), "post_cpu_s": round(c2 - c1, 2),
     })
@@ -472,13 +477,15 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"## Learned inference: distance U-Net per {le['size']}² field ({where})",
             "",
-            "| test-time flips | working field | objects | network wall / CPU s | "
+            "| test-time flips | precision | working field | objects | network wall / CPU s | "
             "post-processing wall / CPU s |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|",
         ]
+        low = "bfloat16" if le.get("gpu") or le.get("cpu_bf16") else "float32 (no native bf16)"
         for run in le["runs"]:
             lines.append(
                 f"| {'on (4 flips)' if run['tta'] else 'off'} | "
+                f"{low if run.get('amp', True) else 'float32'} | "
                 f"{run['working_shape'][0]}x{run['working_shape'][1]} | {run['objects']} | "
                 f"{run['network_wall_s']} / {run['network_cpu_s']} | "
                 f"{run['post_wall_s']} / {run['post_cpu_s']} |"

@@ -33,8 +33,10 @@ def test_learned_inference_timing(shared_data: Path) -> None:
     dataset(shared_data, "cellprofiler-human")
     out = plate_speed.learned_inference("cpu", 256, 2, "0")
     assert out["device"] == "cpu" and out["torch_threads"] == 1
-    (run,) = out["runs"]
-    assert run["tta"] is False and run["network_cpu_s"] > 0 and run["post_cpu_s"] >= 0
-    # a 2-step network's blobs decide which look is kept (the field enlarged to its
-    # estimated scale, or half or a quarter of that), never one below MIN_LOOK_SIDE
-    assert run["working_shape"][0] >= MIN_LOOK_SIDE
+    # the shipped precision (bfloat16 where native) and float32 beside it
+    assert [r["amp"] for r in out["runs"]] == [True, False]
+    for run in out["runs"]:
+        assert run["tta"] is False and run["network_cpu_s"] > 0 and run["post_cpu_s"] >= 0
+        # a 2-step network's blobs decide which look is kept (the field enlarged to its
+        # estimated scale, or half or a quarter of that), never one below MIN_LOOK_SIDE
+        assert run["working_shape"][0] >= MIN_LOOK_SIDE

@@ -10,6 +10,7 @@ from skimage.draw import disk
 from hcsseg.learning import networks
 from hcsseg.learning.data import CropSampler, intensity_augment
 from hcsseg.learning.options import TrainOptions
+from hcsseg.segment import distance_unet
 from hcsseg.segment.distance_unet import (
     DistanceUNetOptions,
     FieldMaps,
@@ -223,6 +224,29 @@ def test_postprocessing_tuning_moves_only_on_a_consistent_lead() -> None:
     picked = tune_postprocessing([m for m, _ in mixed], [lab for _, lab in mixed], opts)
     assert picked["foreground_threshold"] == opts.foreground_threshold
     assert picked["min_area"] == min_area_px(opts) == 95
+
+
+def test_a_single_held_out_field_is_tuned_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One field gives no spread to test a lead against: its 3 x 3 blocks do. A lead from
+    one corner of the field is noise and keeps the defaults; a lead everywhere moves."""
+    from hcsseg.segment.distance_unet import blocks
+
+    parts = blocks((176, 128), 3)
+    cover = np.zeros((176, 128), int)
+    for block in parts:
+        cover[block] += 1
+    assert len(parts) == 9 and (cover == 1).all()
+    opts = DistanceUNetOptions()
+    everywhere, lab = _maps(0.35, 0.0)
+    assert tune_postprocessing([everywhere], [lab], opts)["foreground_threshold"] < 0.35
+    corner, lab = _maps(0.45, 0.0)
+    corner.fg[:40, :40] = np.where(lab[:40, :40] > 0, 0.35, 0.0)  # only here 0.3 is better
+    picked = tune_postprocessing([corner], [lab], opts)
+    assert picked["foreground_threshold"] == opts.foreground_threshold
+    # the field as one unit would have taken the plain best, the corner's lead
+    monkeypatch.setattr(distance_unet, "MIN_TUNING_UNITS", 1)
+    picked = tune_postprocessing([corner], [lab], opts)
+    assert picked["foreground_threshold"] < 0.35
 
 
 def test_tta_averages_flips() -> None:

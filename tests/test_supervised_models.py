@@ -297,3 +297,39 @@ def test_device_selection() -> None:
             devices.select_device("cuda")
     with pytest.raises(ModelError, match="unknown torch device"):
         devices.select_device("tpu-ish")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_autocast_only_where_bfloat16_is_native(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+    conv = torch.nn.Conv2d(1, 2, 3)
+    x = torch.randn(1, 1, 8, 8)
+    with devices.autocast(torch.device("cpu")):
+        out = conv(x)
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    with devices.autocast(torch.device("cpu"), enabled=False):
+        assert conv(x).dtype == torch.float32
+
+
+def test_bfloat16_outputs_match_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU bfloat16 (channels-last) inference is what a user on a recent CPU gets: the maps
+    must agree with float32, and the model must come back in its usual memory format."""
+    torch.manual_seed(0)
+    model = networks.build_smp_model(
+        "unet",
+        encoder_name="resnet18",
+        in_channels=1,
+        classes=2,
+        decoder_channels=(32, 16, 8, 8, 8),
+    )
+    image = np.random.default_rng(0).random((1, 96, 96), dtype=np.float32)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    low = networks.predict_dense(model, image, device=cpu, tile=64, overlap=16)
+    full = networks.predict_dense(model, image, device=cpu, tile=64, overlap=16, amp=False)
+    assert low.shape == full.shape == (2, 96, 96)
+    scale = np.abs(full).max()
+    assert np.abs(low - full).max() < 0.05 * scale
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -5,8 +5,11 @@ precision, and whether a weight host can be reached at all (offline machines).
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,11 +46,25 @@ def select_device(device: str = "auto") -> torch.device:
     return dev
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Only then is CPU
+    autocast worth it: here a distance U-Net training step takes 0.49 s in float32 and 0.25 s
+    in bfloat16 with channels-last; CPUs without it would emulate bfloat16 and run slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know, stay in float32
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA (no loss scaling needed); full precision elsewhere, where
-    mixed precision gains nothing or is unsupported."""
+    """bfloat16 autocast on CUDA and on CPUs with native bfloat16 (no loss scaling needed);
+    full precision elsewhere, where mixed precision gains nothing or is unsupported."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

