@@ -16,7 +16,7 @@ from torch import nn
 
 from hcsseg.errors import ModelError
 from hcsseg.learning.data import CropSampler, intensity_augment
-from hcsseg.learning.devices import autocast, select_device
+from hcsseg.learning.devices import autocast, select_device, to_device
 from hcsseg.learning.options import TrainOptions
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +77,7 @@ def fit(
     for step in range(1, options.n_steps + 1):
         model.train()
         x, y = sampler.sample(options.batch_size)
-        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
+        x, y = to_device(x, device), y.to(device)
         with autocast(device, options.amp):
             out = model(x)
         loss = loss_fn(out.float(), y)
@@ -130,7 +130,7 @@ def crop_losses(
     with torch.no_grad():
         for x, y in batches:
             with autocast(device, amp):
-                pred = model(x.to(device, memory_format=torch.channels_last))
+                pred = model(to_device(x, device))
             out.append(float(loss_fn(pred.float(), y.to(device)).item()))
     return np.asarray(out)
 

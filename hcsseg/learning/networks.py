@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hcsseg.errors import ModelError
-from hcsseg.learning.devices import HF_HOST, autocast, reachable
+from hcsseg.learning.devices import HF_HOST, autocast, reachable, to_device
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -148,7 +148,7 @@ def predict_dense(
     flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
 
     def run(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(device, memory_format=torch.channels_last)
+        x = to_device(torch.from_numpy(batch), device)
         total = None
         with torch.no_grad(), autocast(device, amp):
             for dims in flips:
