@@ -350,12 +350,13 @@ def tune_postprocessing(
     from hcsseg.evaluate.metrics import instance_metrics
 
     side = int(np.ceil(np.sqrt(MIN_TUNING_UNITS / len(maps))))
+    cuts = [blocks(truth.shape, side) for truth in truths]  # the same for every setting
 
     def scores(**kw: Any) -> np.ndarray:
         out = []
-        for m, truth in zip(maps, truths, strict=True):
+        for m, truth, field_blocks in zip(maps, truths, cuts, strict=True):
             labels = labels_from_maps(m, options, **kw)
-            for block in blocks(truth.shape, side):
+            for block in field_blocks:
                 res = instance_metrics(labels[block], truth[block])
                 out.append((float(res.ap[0]) + res.mean_ap) / 2)
         return np.nan_to_num(np.asarray(out))
