@@ -56,6 +56,13 @@ def test_accuracy_benchmark_quick(shared_data: Path, tmp_path: Path) -> None:
     ok = nuclei["distance U-Net (resnet18, random init)"]["ap50_image_mean"] >= 0.82
     assert row.endswith("| yes |" if ok else "| no |")
     assert "| 9 GPU figures | accuracy.py --device cuda on a lent GPU | cpu | – | no |" in table
+    # annotation-free: the product's route (doubtful pseudo-labels left out) beside every
+    # pseudo-label taught, and the targets row reports the product's route
+    free = result["sections"]["dense_free"]["methods"]
+    assert accuracy.PRODUCT_FREE in free
+    assert "annotation-free: distance U-Net on every surface-stain pseudo-label" in free
+    row = next(line for line in table.splitlines() if line.startswith("| 5 dense"))
+    assert f"| {accuracy.PRODUCT_FREE}: " in row
 
 
 def test_holdout_tuning_rule_moves_only_on_a_lead_of_the_asked_size() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -81,6 +83,31 @@ def test_train_segment_evaluate_distance_unet(dense_plate, tmp_path):
     metrics, summary = evaluate_plate(dense_plate.url, pred="cells", truth="cells_gt")
     assert len(metrics) == 4 and 0 <= summary["ap_50_image_mean"] <= 1
     assert {"ap_50", "f1_50", "splits", "merges"} <= set(metrics.columns)
+
+
+def test_cells_from_stain_pseudo_labels_leave_doubtful_objects_out(dense_plate, tmp_path):
+    """The annotation-free distance U-Net: taught by the stain's classical cells, with the
+    teacher's likely fragments and merges left out of the loss (recorded on the card)."""
+    config = TrainConfig(
+        compartment="cells",
+        method="distance_unet",
+        input_channels=["CD", "DAPI"],
+        nucleus_channel="DAPI",
+        cell_pseudo_labels="stain",
+        options=FAST,
+    )
+    trained = train_plate(dense_plate.url, config)
+    card = json.loads(
+        (tmp_path / "dense_models" / trained["model_id"] / "model_card.json").read_text()
+    )
+    assert card["truth"] == "pseudo" and card["confident_pseudo_labels"] is True
+    plain = train_plate(
+        dense_plate.url, config.model_copy(update={"confident_pseudo_labels": False})
+    )
+    card = json.loads(
+        (tmp_path / "dense_models" / plain["model_id"] / "model_card.json").read_text()
+    )
+    assert card["confident_pseudo_labels"] is False
 
 
 def test_annotation_free_cells_from_markers(dense_plate):

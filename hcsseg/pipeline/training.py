@@ -27,6 +27,7 @@ from hcsseg.learning.data import validate_labels
 from hcsseg.model_store import latest_model, list_models, load_model, save_model
 from hcsseg.segment.classical import segment_cells, segment_cells_from_stain, segment_nuclei
 from hcsseg.segment.methods import OPTIONED, centroids, option_model, parse_options, train_method
+from hcsseg.segment.pseudo_labels import confident_objects
 from hcsseg.segment.scale import pixel_size_from_objects
 from hcsseg.virtual_stain.options import KIND as VIRTUAL_KIND
 
@@ -70,6 +71,12 @@ class TrainConfig(BaseModel):
         description="classical cells that teach a cell model without ground truth: grown "
         "from the nuclei (propagation), or found in the cell stain alone (stain: surface "
         "stains that outline only some cells, e.g. CD3 among all DAPI nuclei)",
+    )
+    confident_pseudo_labels: bool = Field(
+        True,
+        description="distance_unet cells from stain pseudo-labels: leave the teacher's "
+        "likely fragments and merges (objects below 3/4 or above 3x its median area) out of "
+        "the loss instead of teaching them (+0.08 AP@0.5 on the dense-cells training fields)",
     )
     max_fields: int = Field(32, ge=1)
     wells: list[str] | None = None
@@ -325,6 +332,18 @@ def fine_tune_options(
     return out
 
 
+def _filters_pseudo_labels(config: TrainConfig) -> bool:
+    """Whether the teacher's doubtful objects are left out of the loss: measured for the
+    distance U-Net learning cells from the stain's classical cells (bench/results/accuracy.md)."""
+    return (
+        config.confident_pseudo_labels
+        and config.truth is None
+        and config.method == "distance_unet"
+        and config.compartment == "cells"
+        and config.cell_pseudo_labels == "stain"
+    )
+
+
 def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str) -> str:
     """Train, store and return the model id."""
     plate = open_plate(plate_url)
@@ -362,6 +381,10 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         if config.method == "distance_unet" and config.compartment == "cells":
             # a cell's size cannot be read off a membrane stain: scale from the training fields
             options.setdefault("scale_channel", None)
+        weights = None
+        if _filters_pseudo_labels(config):
+            pairs = [confident_objects(t) for t in targets]
+            targets, weights = [p[0] for p in pairs], [p[1] for p in pairs]
         state, history = train_method(
             config.method,
             images,
@@ -369,6 +392,7 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
             options=options,
             init_state=init,
             parent_state=parent_state,
+            weights=weights,
         )
         # post-processing picked on held-out training fields, the training fields' scale
         tuned = parse_options(config.method, options).model_copy(
@@ -384,6 +408,7 @@ def train_plate_segmentation(plate_url: str, config: TrainConfig, *, store: str)
         "input_channels": config.input_channels,
         "source_channels": config.input_channels,
         "truth": config.truth or ("markers" if config.method == "unsupervised" else "pseudo"),
+        "confident_pseudo_labels": _filters_pseudo_labels(config),
         "init": "parent" if parent else config.init,
         "parent_model": parent,
         "fine_tune_fraction": config.fine_tune_fraction if parent else None,

@@ -186,9 +186,13 @@ def _loss(options: DistanceUNetOptions) -> LossFn:
     alpha = options.foreground_weight
 
     def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mse = F.mse_loss(torch.sigmoid(out[:, 0]), target[:, 0])
-        bce = F.binary_cross_entropy_with_logits(out[:, 1], target[:, 1])
-        return mse + alpha * bce
+        fg = target[:, 1]
+        # a third target channel weighs pixels (0: left out, e.g. a doubtful pseudo-label)
+        keep = target[:, 2] if target.shape[1] > 2 else torch.ones_like(fg)
+        total = keep.sum().clamp_min(1.0)
+        mse = (keep * (torch.sigmoid(out[:, 0]) - target[:, 0]) ** 2).sum() / total
+        bce = F.binary_cross_entropy_with_logits(out[:, 1], fg, weight=keep, reduction="sum")
+        return mse + alpha * bce / total
 
     return loss
 
@@ -231,6 +235,7 @@ def train_distance_unet(
     options: DistanceUNetOptions | None = None,
     init_state: StateDict | None = None,
     parent_state: StateDict | None = None,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train on (image, labels) pairs: ground truth or pseudo-labels of a plate's fields.
 
@@ -239,8 +244,9 @@ def train_distance_unet(
     decoder, see `isl_transfer`) is copied before training; a different encoder or channel
     count raises ModelError. `parent_state`: a whole distance U-Net (another plate's model)
     to fine-tune; it must fit `options`' encoder and decoder and the images' channel count.
-    Returns CPU state dict and history (losses per step, validation losses, seconds, what
-    was transferred)."""
+    `weights`: per-field (Y, X) loss weights, 0 where the labels are not to be trusted
+    (`hcsseg.segment.pseudo_labels.confident_objects`). Returns CPU state dict and history
+    (losses per step, validation losses, seconds, what was transferred)."""
     opts = options or DistanceUNetOptions()
     imgs, labs = check_pairs(images, labels)
     lo, hi = opts.train.normalize_percentiles
@@ -254,6 +260,18 @@ def train_distance_unet(
         distance_targets(resize_labels(lab, scaled_shape(lab.shape, f)))
         for lab, f in zip(labs, factors, strict=True)
     ]
+    if weights is not None:
+        if len(weights) != len(labs):
+            raise InputDataError(f"{len(labs)} label images but {len(weights)} weight maps")
+        for i, (w, lab) in enumerate(zip(weights, labs, strict=True)):
+            if np.shape(w) != lab.shape:
+                raise InputDataError(
+                    f"weight map {i} has shape {np.shape(w)}, its labels {lab.shape}"
+                )
+        targets = [
+            np.concatenate([t, resize(np.asarray(w, np.float32)[None], t.shape[1:])])
+            for t, w in zip(targets, weights, strict=True)
+        ]
     rng = seed_everything(opts.train.seed)
     if parent_state is not None:
         if init_state is not None:

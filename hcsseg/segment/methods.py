@@ -54,17 +54,26 @@ def train_method(
     options: dict[str, Any] | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     parent_state: dict[str, torch.Tensor] | None = None,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train `method` on images with labels (supervised) or marker arrays (unsupervised).
 
     `init_state`: a virtual-staining U-Net to initialise from (smp methods); `parent_state`:
-    the whole model of the same method from an earlier plate, to fine-tune."""
+    the whole model of the same method from an earlier plate, to fine-tune; `weights`:
+    per-field loss weights (distance_unet only), 0 where labels are not to be trusted."""
     from hcsseg.segment import distance_unet, fpn2ws, unsupervised
 
     opts = parse_options(method, options)
+    if weights is not None and method != "distance_unet":
+        raise ModelError(f"per-pixel loss weights apply to distance_unet, not {method!r}")
     if method == "distance_unet":
         return distance_unet.train_distance_unet(
-            images, targets, options=opts, init_state=init_state, parent_state=parent_state
+            images,
+            targets,
+            options=opts,
+            init_state=init_state,
+            parent_state=parent_state,
+            weights=weights,
         )
     if method == "fpn2ws":
         return fpn2ws.train_fpn2ws(
