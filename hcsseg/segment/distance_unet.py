@@ -249,6 +249,15 @@ def train_distance_unet(
     (losses per step, validation losses, seconds, what was transferred)."""
     opts = options or DistanceUNetOptions()
     imgs, labs = check_pairs(images, labels)
+    # before any field is resized or transformed: bad input fails in milliseconds
+    if weights is not None:
+        if len(weights) != len(labs):
+            raise InputDataError(f"{len(labs)} label images but {len(weights)} weight maps")
+        for i, (w, lab) in enumerate(zip(weights, labs, strict=True)):
+            if np.shape(w) != lab.shape:
+                raise InputDataError(
+                    f"weight map {i} has shape {np.shape(w)}, its labels {lab.shape}"
+                )
     lo, hi = opts.train.normalize_percentiles
     norm = [normalize_percentile(im, lo, hi) for im in imgs]
     factors = [scale_factor(median_diameter(lab), opts.canonical_diameter) for lab in labs]
@@ -261,13 +270,6 @@ def train_distance_unet(
         for lab, f in zip(labs, factors, strict=True)
     ]
     if weights is not None:
-        if len(weights) != len(labs):
-            raise InputDataError(f"{len(labs)} label images but {len(weights)} weight maps")
-        for i, (w, lab) in enumerate(zip(weights, labs, strict=True)):
-            if np.shape(w) != lab.shape:
-                raise InputDataError(
-                    f"weight map {i} has shape {np.shape(w)}, its labels {lab.shape}"
-                )
         targets = [
             np.concatenate([t, resize(np.asarray(w, np.float32)[None], t.shape[1:])])
             for t, w in zip(targets, weights, strict=True)
